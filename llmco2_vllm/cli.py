@@ -1,0 +1,157 @@
+"""``llmco2``: predictions and catalogs from the command line (no vLLM needed).
+
+    llmco2 predict --model meta-llama/Llama-3.1-8B-Instruct --gpu H100 --batch-size 8 \\
+        --prompt-tokens 512 --output-tokens 256 [--region FR] [--json]
+    llmco2 gpus | regions | models [--json]
+
+Exit status: 0 on success, 2 on bad input (with the reason on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from dataclasses import asdict
+from typing import Sequence
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > 10_000_000:
+        raise argparse.ArgumentTypeError(f"{value} is too large (at most 10,000,000)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmco2", description="Energy and carbon of LLM inference.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    predict = commands.add_parser("predict", help="predict energy and carbon of a static batch of requests")
+    predict.add_argument("--model", required=True, help="catalog model id (see `llmco2 models`) or a config.json path")
+    predict.add_argument("--gpu", required=True, help="GPU name or alias (see `llmco2 gpus`)")
+    predict.add_argument("--num-gpus", type=_positive_int, default=None, help="GPUs in the engine (default: TP size)")
+    predict.add_argument("--tensor-parallel", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
+    predict.add_argument("--batch-size", type=_positive_int, required=True, help="requests in the batch")
+    predict.add_argument("--prompt-tokens", type=_positive_int, required=True, help="prompt tokens per request")
+    predict.add_argument("--output-tokens", type=_positive_int, required=True, help="generated tokens per request")
+    predict.add_argument("--region", default=None, help="grid region code for carbon (see `llmco2 regions`)")
+    predict.add_argument("--pue", type=float, default=1.0, help="power usage effectiveness (default 1.0)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    for name, text in (("gpus", "list the GPU catalog"), ("regions", "list grid regions"), ("models", "list catalog models")):
+        listing = commands.add_parser(name, help=text)
+        listing.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `llmco2 gpus | head` ends quietly, like other CLIs
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "predict":
+            return _predict(args)
+        return _listing(args)
+    except ValueError as error:  # every catalog/validation error of the package is a ValueError
+        print(f"llmco2: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .carbon import lookup_region, operational_grams_co2e
+    from .forecast import forecast_static_batch
+    from .hardware import Hardware, find_gpu
+    from .model_description import load_model
+    from .predictor import AnalyticPredictor
+
+    model = load_model(args.model)
+    gpu = find_gpu(args.gpu)
+    hardware = Hardware(gpu, args.num_gpus or args.tensor_parallel, args.tensor_parallel, "configured")
+    forecast = forecast_static_batch(AnalyticPredictor(model, hardware), args.batch_size, args.prompt_tokens, args.output_tokens)
+    result = {
+        "model": model.name,
+        "gpu": gpu.name,
+        "num_gpus": hardware.num_gpus,
+        "tensor_parallel": hardware.tensor_parallel,
+        "batch_size": args.batch_size,
+        "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens,
+        "predictor": "analytic",
+        "prefill_j": forecast.prefill_j,
+        "decode_j": forecast.decode_j,
+        "energy_j": forecast.energy_j,
+        "seconds": forecast.seconds,
+        "energy_j_per_output_token": forecast.energy_j / (args.batch_size * args.output_tokens),
+    }
+    if args.region:
+        intensity = lookup_region(args.region)
+        result["region"] = intensity.region
+        result["grid_intensity_grams_per_kwh"] = intensity.grams_co2e_per_kwh
+        result["pue"] = args.pue
+        result["carbon_g"] = operational_grams_co2e(forecast.energy_j, intensity, args.pue)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(len(key) for key in result)
+        for key, value in result.items():
+            shown = f"{value:.6g}" if isinstance(value, float) else value
+            print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def _listing(args: argparse.Namespace) -> int:
+    rows: list[dict]
+    if args.command == "gpus":
+        from .hardware import gpu_catalog
+
+        rows = [
+            {
+                "name": gpu.name,
+                "aliases": list(gpu.aliases),
+                "memory_gb": gpu.memory_bytes / 1e9,
+                "memory_bandwidth_gb_per_s": gpu.memory_bandwidth_bytes_per_second / 1e9,
+                "bf16_dense_tflops": gpu.peak_flops_per_second.get("bf16", 0) / 1e12,
+                "tdp_watts": gpu.tdp_watts,
+                "source_urls": gpu.source_urls,
+            }
+            for gpu in gpu_catalog().values()
+        ]
+        columns = ("name", "memory_gb", "memory_bandwidth_gb_per_s", "bf16_dense_tflops", "tdp_watts")
+    elif args.command == "regions":
+        from .carbon import region_table
+
+        rows = [asdict(intensity) for intensity in region_table().values()]
+        columns = ("region", "grams_co2e_per_kwh", "year", "kind")
+    else:
+        from .model_description import model_catalog
+
+        rows = [
+            {"model_id": model_id, "total_params_b": entry.get("total_params_b"), "status": entry.get("status")}
+            for model_id, entry in model_catalog().items()
+        ]
+        columns = ("model_id", "total_params_b", "status")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
+    return 0
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

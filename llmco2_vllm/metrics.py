@@ -1,0 +1,185 @@
+"""Prometheus metrics of the plugin, and the bridge that puts them on vLLM's ``/metrics``.
+
+The metrics are updated in the EngineCore process (where steps are captured), but ``/metrics`` is
+served by the API server process. Two cases:
+
+- One API server (no ``PROMETHEUS_MULTIPROC_DIR``): the engine writes its registry, in the text
+  exposition format, to ``$LLMCO2_RUN_DIR/engine-<index>.prom`` every flush interval;
+  ``SnapshotCollector``, registered in the API server, serves those files.
+- Several API servers (vLLM sets ``PROMETHEUS_MULTIPROC_DIR``): prometheus_client writes the
+  engine's values to that directory itself and every API server serves them, counted once because
+  one engine process owns them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+PHASES = ("prefill", "decode")
+TOKEN_PHASES = ("prefill", "decode", "cached")
+ERROR_STAGES = ("capture", "predict", "attribute", "carbon", "export")
+
+# Per-request energy spans a tiny CPU test model to long generations of large models.
+REQUEST_ENERGY_BUCKETS_J = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+REQUEST_CARBON_BUCKETS_G = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10)
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class PluginMetrics:
+    """Every metric the plugin exports, bound to one engine's labels. See README "Metrics"."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, engine: str) -> None:
+        base = ["model_name", "engine"]
+        self.registry = registry
+        self._labels = {"model_name": model_name, "engine": engine}
+        self.energy = Counter(
+            "llmco2_energy_joules",
+            "Energy of inference on the engine's GPUs, by phase and source (predicted, later measured/calibrated).",
+            base + ["phase", "source"],
+            registry=registry,
+        )
+        self.carbon = Counter(
+            "llmco2_carbon_grams",
+            "Operational carbon (energy x PUE x grid intensity), grams CO2e, by phase and energy source.",
+            base + ["phase", "source"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "llmco2_tokens",
+            "Tokens the plugin accounted: prefill (computed prompt), decode (generated positions), cached (prefix-cache hits).",
+            base + ["phase"],
+            registry=registry,
+        )
+        self.steps = Counter("llmco2_steps", "Engine steps with scheduled tokens.", base, registry=registry)
+        self.predicted_seconds = Counter(
+            "llmco2_predicted_gpu_seconds",
+            "Predicted busy time of the target GPUs, by phase.",
+            base + ["phase"],
+            registry=registry,
+        )
+        self.step_wall_seconds = Counter(
+            "llmco2_step_wall_seconds", "Measured host wall time of engine steps.", base, registry=registry
+        )
+        self.requests = Counter("llmco2_requests", "Finished requests with attributed energy.", base, registry=registry)
+        self.request_energy = Histogram(
+            "llmco2_request_energy_joules",
+            "Predicted energy per finished request.",
+            base,
+            buckets=REQUEST_ENERGY_BUCKETS_J,
+            registry=registry,
+        )
+        self.request_carbon = Histogram(
+            "llmco2_request_carbon_grams",
+            "Operational carbon per finished request, grams CO2e.",
+            base,
+            buckets=REQUEST_CARBON_BUCKETS_G,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "llmco2_plugin_errors", "Failures caught inside the plugin, by pipeline stage.", base + ["stage"], registry=registry
+        )
+        self.dropped_steps = Counter(
+            "llmco2_dropped_steps", "Steps not accounted because the capture queue was full.", base, registry=registry
+        )
+        self.evicted_requests = Counter(
+            "llmco2_evicted_requests",
+            "Running requests dropped from the attribution ledger because it was full.",
+            base,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "llmco2_queue_depth", "Captured steps waiting for the worker.", base, registry=registry, multiprocess_mode="mostrecent"
+        )
+        self.capture_lag = Gauge(
+            "llmco2_capture_lag_seconds",
+            "Age of the oldest step the worker processed in its last pass.",
+            base,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.target_info = Gauge(
+            "llmco2_target_info",
+            "Hardware and predictor the numbers are for (value 1). hardware_source is nvml or configured.",
+            base + ["gpu", "num_gpus", "tensor_parallel", "hardware_source", "predictor"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.grid_intensity = Gauge(
+            "llmco2_grid_intensity_grams_per_kwh",
+            "Grid carbon intensity in use, gCO2e/kWh.",
+            base + ["region", "kind"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.pue = Gauge("llmco2_pue", "Power usage effectiveness in use.", base, registry=registry, multiprocess_mode="mostrecent")
+        self._initialise_series()
+
+    def _initialise_series(self) -> None:
+        """Create every labelled series at zero so rates and absent() work from the first scrape."""
+        labels = self._labels
+        for phase in PHASES:
+            self.energy.labels(**labels, phase=phase, source="predicted")
+            self.carbon.labels(**labels, phase=phase, source="predicted")
+            self.predicted_seconds.labels(**labels, phase=phase)
+        for phase in TOKEN_PHASES:
+            self.tokens.labels(**labels, phase=phase)
+        for stage in ERROR_STAGES:
+            self.errors.labels(**labels, stage=stage)
+        for metric in (self.steps, self.step_wall_seconds, self.requests, self.dropped_steps, self.evicted_requests):
+            metric.labels(**labels)
+        self.request_energy.labels(**labels)
+        self.request_carbon.labels(**labels)
+
+    def labels(self, metric, **extra: str):
+        return metric.labels(**self._labels, **extra)
+
+
+class SnapshotWriter:
+    """Writes a registry in the text format to a file, atomically (readers never see half a file)."""
+
+    def __init__(self, registry: CollectorRegistry, path: Path) -> None:
+        self.registry = registry
+        self.path = path
+
+    def write(self) -> None:
+        data = generate_latest(self.registry)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".prom")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+class SnapshotCollector:
+    """Serves the engines' snapshot files from the API server's registry (one family per name)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for path in sorted(self.directory.glob("engine-*.prom")):
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        return list(merged.values())

@@ -1,0 +1,275 @@
+"""The engine-side pipeline: capture -> step shape -> prediction -> attribution -> carbon -> metrics.
+
+Runs on one daemon worker thread per engine. Every stage is guarded: a failure is counted in
+``llmco2_plugin_errors_total{stage}``, logged once per stage, and the step still counts its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import CollectorRegistry
+
+from .attribution import RequestEnergy, RequestLedger, split_step_energy
+from .capture import StepRecord, StepRecorder, StepShapeBuilder
+from .carbon import GridIntensity, operational_grams_co2e
+from .hardware import Hardware
+from .metrics import PHASES, PluginMetrics, SnapshotWriter
+from .predictor import StepPredictor
+from .settings import Settings
+
+logger = logging.getLogger("llmco2_vllm")
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """What the plugin knows about a request once it finished."""
+
+    request_id: str
+    energy: RequestEnergy
+    carbon_grams: float
+
+
+class RequestLog:
+    """Appends one JSON line per finished request (the audit log, ``LLMCO2_REQUEST_LOG``)."""
+
+    def __init__(self, path: str, context: dict[str, object]) -> None:
+        self.path = path
+        self.context = context
+
+    def write(self, finished: FinishedRequest) -> None:
+        energy = finished.energy
+        record = {
+            "request_id": finished.request_id,
+            # vLLM's engine id is the client's id plus "-<8 hex>".
+            "client_request_id": finished.request_id.rsplit("-", 1)[0],
+            "finished_at": time.time(),
+            "prompt_tokens": energy.prefill_tokens + energy.cached_tokens,
+            "cached_tokens": energy.cached_tokens,
+            "prefill_tokens": energy.prefill_tokens,
+            "decode_tokens": energy.decode_tokens,
+            "steps": energy.steps,
+            "prefill_energy_j": energy.prefill_energy_j,
+            "decode_energy_j": energy.decode_energy_j,
+            "energy_j": energy.energy_j,
+            "carbon_grams": finished.carbon_grams,
+            **self.context,
+        }
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class EnginePipeline:
+    """Owns the recorder (scheduler side) and the worker thread (everything else) of one engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        predictor: StepPredictor,
+        hardware: Hardware,
+        intensity: GridIntensity,
+        model_name: str,
+        engine: str = "0",
+        snapshot_path: Path | None = None,
+        on_finished: Callable[[FinishedRequest], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.predictor = predictor
+        self.intensity = intensity
+        self.recorder = StepRecorder(settings.queue_capacity)
+        self.builder = StepShapeBuilder()
+        self.ledger = RequestLedger(settings.max_tracked_requests)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.metrics = PluginMetrics(self.registry, model_name, engine)
+        self.snapshot = SnapshotWriter(self.registry, snapshot_path) if snapshot_path else None
+        self.on_finished = on_finished
+        self.request_log = (
+            RequestLog(
+                settings.request_log,
+                {
+                    "model_name": model_name,
+                    "gpu": hardware.gpu.name,
+                    "num_gpus": hardware.num_gpus,
+                    "hardware_source": hardware.source,
+                    "predictor": predictor.name,
+                    "region": intensity.region,
+                    "grid_intensity": intensity.grams_co2e_per_kwh,
+                    "pue": settings.pue,
+                },
+            )
+            if settings.request_log
+            else None
+        )
+        # The most recent finished requests, for clients and audits (bounded).
+        self.finished: deque[FinishedRequest] = deque(maxlen=10_000)
+        self._logged_stages: set[str] = set()
+        self._dropped_seen = 0
+        self._evicted_seen = 0
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps_processed = 0
+
+        m = self.metrics
+        m.labels(
+            m.target_info,
+            gpu=hardware.gpu.name,
+            num_gpus=str(hardware.num_gpus),
+            tensor_parallel=str(hardware.tensor_parallel),
+            hardware_source=hardware.source,
+            predictor=predictor.name,
+        ).set(1)
+        m.labels(m.grid_intensity, region=intensity.region, kind=intensity.kind).set(intensity.grams_co2e_per_kwh)
+        m.labels(m.pue).set(settings.pue)
+
+    # -- scheduler thread -------------------------------------------------------------------
+    def record(self, scheduler_output, engine_outputs, started: float) -> None:
+        """Called by the scheduler hook; must stay O(1) and never raise into vLLM."""
+        self.recorder.record(scheduler_output, engine_outputs, started)
+
+    # -- worker thread ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmco2-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Process what is queued, publish once more, stop the worker."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.process_pending()
+        self._publish()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every recorded step has been processed (tests, demo, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.recorder) == 0 and self._idle.is_set():
+                return True
+            time.sleep(0.005)
+        return False
+
+    def _run(self) -> None:
+        next_publish = time.monotonic() + self.settings.flush_interval_seconds
+        dirty = True
+        while not self._stop.is_set():
+            if self.process_pending():
+                dirty = True
+            else:
+                self._idle.set()
+                self._stop.wait(0.005)
+            if dirty and time.monotonic() >= next_publish:
+                self._publish()
+                dirty = False
+                next_publish = time.monotonic() + self.settings.flush_interval_seconds
+
+    def process_pending(self) -> int:
+        records = self.recorder.drain()
+        if not records:
+            return 0
+        self._idle.clear()
+        now = time.perf_counter()
+        m = self.metrics
+        m.labels(m.capture_lag).set(max(0.0, now - records[0].finished))
+        for record in records:
+            self._process(record)
+        m.labels(m.queue_depth).set(len(self.recorder))
+        dropped = self.recorder.dropped
+        if dropped > self._dropped_seen:
+            m.labels(m.dropped_steps).inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
+        if self.ledger.evicted > self._evicted_seen:
+            m.labels(m.evicted_requests).inc(self.ledger.evicted - self._evicted_seen)
+            self._evicted_seen = self.ledger.evicted
+        return len(records)
+
+    def _failed(self, stage: str, error: BaseException) -> None:
+        self.metrics.labels(self.metrics.errors, stage=stage).inc()
+        if stage not in self._logged_stages:
+            self._logged_stages.add(stage)
+            logger.error("llmco2: %s failed (counted in llmco2_plugin_errors_total; logged once): %r", stage, error)
+
+    def _process(self, record: StepRecord) -> None:
+        m = self.metrics
+        try:
+            captured = self.builder.build(record)
+        except Exception as error:  # vLLM changed a field we read
+            self._failed("capture", error)
+            return
+        shape = captured.shape
+        if shape.num_requests:
+            self.steps_processed += 1
+            m.labels(m.steps).inc()
+            m.labels(m.step_wall_seconds).inc(max(shape.wall_seconds, 0.0))
+            m.labels(m.tokens, phase="prefill").inc(shape.total_prefill_tokens)
+            m.labels(m.tokens, phase="decode").inc(shape.total_decode_tokens)
+            for request_id, tokens in captured.cached_tokens.items():
+                m.labels(m.tokens, phase="cached").inc(tokens)
+                self.ledger.add_cached_tokens(request_id, tokens)
+            self._account_energy(shape)
+        for request_id in captured.finished_request_ids:
+            self._finish(request_id)
+
+    def _account_energy(self, shape) -> None:
+        m = self.metrics
+        try:
+            prediction = self.predictor.predict_step(shape)
+        except Exception as error:
+            self._failed("predict", error)
+            return
+        try:
+            prefill_j, decode_j = split_step_energy(prediction, shape)
+            self.ledger.add_step(shape, prefill_j, decode_j)
+        except Exception as error:
+            self._failed("attribute", error)
+            return
+        try:
+            for phase, energy_j, seconds in (
+                ("prefill", prediction.prefill_energy_j, prediction.prefill_seconds),
+                ("decode", prediction.decode_energy_j, prediction.decode_seconds),
+            ):
+                m.labels(m.energy, phase=phase, source="predicted").inc(energy_j)
+                m.labels(m.predicted_seconds, phase=phase).inc(seconds)
+                m.labels(m.carbon, phase=phase, source="predicted").inc(self._grams(energy_j))
+        except Exception as error:
+            self._failed("export", error)
+
+    def _grams(self, energy_j: float) -> float:
+        return float(operational_grams_co2e(energy_j, self.intensity, self.settings.pue))
+
+    def _finish(self, request_id: str) -> None:
+        entry = self.ledger.finish(request_id)
+        if entry is None:
+            return
+        m = self.metrics
+        try:
+            grams = self._grams(entry.energy_j)
+            m.labels(m.requests).inc()
+            m.labels(m.request_energy).observe(entry.energy_j)
+            m.labels(m.request_carbon).observe(grams)
+            result = FinishedRequest(request_id, entry, grams)
+            self.finished.append(result)
+            if self.request_log is not None:
+                self.request_log.write(result)
+            if self.on_finished is not None:
+                self.on_finished(result)
+        except Exception as error:
+            self._failed("export", error)
+
+    def _publish(self) -> None:
+        if self.snapshot is None:
+            return
+        try:
+            self.snapshot.write()
+        except Exception as error:
+            self._failed("export", error)
+
+
+__all__ = ["EnginePipeline", "FinishedRequest", "PHASES"]

@@ -1,0 +1,125 @@
+"""Step predictors: time and energy of one engine step, split into its prefill and decode parts.
+
+Every predictor implements ``StepPredictor``; the plugin picks one by name (``LLMCO2_PREDICTOR``),
+so swapping the analytic model for a learned one is one setting. ``StepPrediction`` also carries
+the roofline's per-request work shares, which attribution uses whatever predictor produced the totals.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .hardware import Hardware
+from .model_description import ModelDescription
+from .roofline import RooflineAssumptions, StepCost, step_cost
+from .step_shape import StepShape
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """Predicted cost of one step on the target hardware (all GPUs of the engine)."""
+
+    prefill_seconds: float
+    decode_seconds: float
+    prefill_energy_j: float
+    decode_energy_j: float
+    # Attribution weights, aligned with the step's requests: each phase's weights sum to 1 when the
+    # phase did any work (roofline energy shares; see attribution.py).
+    request_prefill_weights: np.ndarray
+    request_decode_weights: np.ndarray
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def energy_j(self) -> float:
+        return self.prefill_energy_j + self.decode_energy_j
+
+
+@runtime_checkable
+class StepPredictor(Protocol):
+    """What the plugin needs from a predictor."""
+
+    name: str
+
+    def predict_step(self, step: StepShape) -> StepPrediction: ...
+
+
+def _normalised(values: np.ndarray) -> np.ndarray:
+    total = float(values.sum())
+    return values / total if total > 0 else np.zeros_like(values)
+
+
+def prediction_from_cost(cost: StepCost) -> StepPrediction:
+    """Phase totals and per-request weights from a roofline cost."""
+    n = cost.num_requests
+    row_seconds = cost.row_seconds()
+    row_energy = cost.row_energy_j()
+    return StepPrediction(
+        prefill_seconds=float(row_seconds[:n].sum()),
+        decode_seconds=float(row_seconds[n:].sum()),
+        prefill_energy_j=float(row_energy[:n].sum()),
+        decode_energy_j=float(row_energy[n:].sum()),
+        request_prefill_weights=_normalised(row_energy[:n]),
+        request_decode_weights=_normalised(row_energy[n:]),
+    )
+
+
+class AnalyticPredictor:
+    """Roofline time per operator plus an idle + load-dependent power model (the baseline)."""
+
+    name = "analytic"
+
+    def __init__(
+        self,
+        model: ModelDescription,
+        hardware: Hardware,
+        pipeline_parallel: int = 1,
+        assumptions: RooflineAssumptions = RooflineAssumptions(),
+    ) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.pipeline_parallel = pipeline_parallel
+        self.assumptions = assumptions
+
+    def cost(self, step: StepShape) -> StepCost:
+        return step_cost(self.model, self.hardware, step, self.assumptions, self.pipeline_parallel)
+
+    def predict_step(self, step: StepShape) -> StepPrediction:
+        return prediction_from_cost(self.cost(step))
+
+
+class PredictorLoadError(ValueError):
+    """``LLMCO2_PREDICTOR`` names nothing that can be built."""
+
+
+def load_predictor(
+    name: str,
+    model: ModelDescription,
+    hardware: Hardware,
+    pipeline_parallel: int = 1,
+) -> StepPredictor:
+    """Build a predictor by name: ``analytic``, or ``package.module:Class`` for a custom one.
+
+    A custom class is called as ``Class(model=..., hardware=..., pipeline_parallel=...)``.
+    """
+    if name == "analytic":
+        return AnalyticPredictor(model, hardware, pipeline_parallel)
+    if ":" not in name:
+        raise PredictorLoadError(
+            f"Unknown predictor {name!r}. Use 'analytic' or an import path 'package.module:Class'."
+        )
+    module_name, _, attribute = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise PredictorLoadError(f"Cannot import predictor {name!r}: {error}") from error
+    predictor = factory(model=model, hardware=hardware, pipeline_parallel=pipeline_parallel)
+    if not isinstance(predictor, StepPredictor):
+        raise PredictorLoadError(f"{name!r} does not implement StepPredictor (name, predict_step)")
+    return predictor

@@ -1,0 +1,155 @@
+"""A real ``vllm serve`` on 127.0.0.1 with the plugin installed (no flag needed: entry points).
+
+Reconciliation identities against vLLM's own counters (no preemption here):
+- llmco2_tokens_total{phase="prefill"} == vllm:prompt_tokens_by_source_total{source="local_compute"}
+- llmco2_tokens_total{phase="cached"}  == vllm:prompt_tokens_by_source_total{source="local_cache_hit"}
+- prefill + cached == vllm:prompt_tokens_total
+- llmco2_tokens_total{phase="decode"} + finished requests == vllm:generation_tokens_total
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, metric_sum, parse_metrics
+from llmco2_vllm.local_server import LocalVllmServer
+
+LONG_PROMPT = [(11 * i) % 500 + 3 for i in range(120)]  # > max-num-batched-tokens: chunked prefill
+SERVER_ARGS = ["--max-num-batched-tokens", "64", "--max-num-seqs", "8", "--enable-prefix-caching", "--block-size", "32"]
+
+
+def send_workload(server: LocalVllmServer) -> int:
+    """Mixed prompt and output lengths, some concurrent, one chunked and one repeated prompt."""
+    jobs = [(list(range(1, 6 + 9 * i)), 3 + 2 * i) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda job: server.complete(*job), jobs))
+    results.append(server.complete(LONG_PROMPT, 6))
+    results.append(server.complete(LONG_PROMPT, 4))  # prefix-cache hit
+    for result, max_tokens in zip(results, [j[1] for j in jobs] + [6, 4]):
+        assert result["usage"]["completion_tokens"] == max_tokens
+    return len(results)
+
+
+def wait_for_requests(server: LocalVllmServer, count: int, timeout: float = 30.0) -> dict:
+    """Poll /metrics until the plugin has published every finished request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = parse_metrics(server.metrics_text())
+        if metric_sum(samples, "llmco2_requests_total") >= count or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
+def assert_reconciles(samples: dict, requests: int) -> None:
+    prefill = metric_sum(samples, "llmco2_tokens_total", phase="prefill")
+    decode = metric_sum(samples, "llmco2_tokens_total", phase="decode")
+    cached = metric_sum(samples, "llmco2_tokens_total", phase="cached")
+    assert metric_sum(samples, "llmco2_requests_total") == requests
+    assert cached > 0, "the repeated long prompt must hit the prefix cache"
+    assert prefill == metric_sum(samples, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    assert cached == metric_sum(samples, "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
+    assert prefill + cached == metric_sum(samples, "vllm:prompt_tokens_total")
+    assert decode + requests == metric_sum(samples, "vllm:generation_tokens_total")
+    energy = metric_sum(samples, "llmco2_energy_joules_total", source="predicted")
+    assert energy > 0
+    assert metric_sum(samples, "llmco2_request_energy_joules_sum") == pytest.approx(energy, rel=1e-3)
+    assert metric_sum(samples, "llmco2_request_energy_joules_count") == requests
+    assert metric_sum(samples, "llmco2_plugin_errors_total") == 0
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with LocalVllmServer(tiny_model_dir, SERVER_ARGS, log_path=log) as server:
+        requests = send_workload(server)
+        first = server.metrics_text()
+        samples = wait_for_requests(server, requests)
+        text = server.metrics_text()
+        yield {"server": server, "requests": requests, "first": first, "samples": samples, "text": text, "log": log}
+
+
+def test_counters_reconcile_with_vllm(served):
+    assert_reconciles(served["samples"], served["requests"])
+
+
+def test_metrics_parse_and_are_labelled(served):
+    text = served["text"]
+    samples = parse_metrics(text)  # prometheus_client's exposition parser; raises on malformed text
+    names = {name for name, _ in samples}
+    for expected in (
+        "llmco2_energy_joules_total",
+        "llmco2_carbon_grams_total",
+        "llmco2_tokens_total",
+        "llmco2_steps_total",
+        "llmco2_request_energy_joules_bucket",
+        "llmco2_request_carbon_grams_bucket",
+        "llmco2_target_info",
+        "llmco2_plugin_errors_total",
+        "llmco2_dropped_steps_total",
+        "llmco2_grid_intensity_grams_per_kwh",
+        "llmco2_pue",
+    ):
+        assert expected in names, expected
+    for (name, labels) in samples:
+        if name.startswith("llmco2_"):
+            label_names = dict(labels)
+            assert label_names.get("model_name") == "tiny-llama"
+            assert "request_id" not in label_names
+    # One series per (model, engine, ...) - the snapshot bridge must not duplicate families.
+    assert text.count("# TYPE llmco2_energy_joules_total counter") == 1
+
+
+def test_counters_only_grow(served):
+    before = parse_metrics(served["first"])
+    after = parse_metrics(served["server"].metrics_text())
+    for key, value in before.items():
+        if key[0].startswith("llmco2_") and (key[0].endswith("_total") or key[0].endswith("_count")):
+            assert after.get(key, 0) >= value, key
+
+
+@pytest.mark.skipif(not __import__("shutil").which("promtool"), reason="promtool not installed")
+def test_promtool_accepts_metrics(served):
+    lines = [line for line in served["text"].splitlines() if "llmco2_" in line]
+    result = subprocess.run(["promtool", "check", "metrics"], input="\n".join(lines) + "\n", text=True, capture_output=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_two_api_servers_count_once(tiny_model_dir, tmp_path):
+    args = SERVER_ARGS + ["--api-server-count", "2"]
+    with LocalVllmServer(tiny_model_dir, args, log_path=tmp_path / "serve.log") as server:
+        requests = send_workload(server)
+        samples = wait_for_requests(server, requests)
+        assert_reconciles(samples, requests)
+        # Every API server serves the same totals.
+        for _ in range(4):
+            again = parse_metrics(server.metrics_text())
+            assert metric_sum(again, "llmco2_tokens_total") == metric_sum(samples, "llmco2_tokens_total")
+
+
+def test_prediction_fault_keeps_serving(tiny_model_dir, tmp_path):
+    env = {"LLMCO2_PREDICTOR": "faulty_predictor:FailingPredictor", "PYTHONPATH": str(REPO_ROOT / "tests")}
+    log = tmp_path / "serve.log"
+    with LocalVllmServer(tiny_model_dir, SERVER_ARGS, env=env, log_path=log) as server:
+        requests = send_workload(server)  # asserts every request completes
+        samples = wait_for_requests(server, requests)
+        assert metric_sum(samples, "llmco2_plugin_errors_total", stage="predict") > 0
+        # Tokens are still accounted when prediction fails.
+        assert metric_sum(samples, "llmco2_tokens_total", phase="prefill") + metric_sum(
+            samples, "llmco2_tokens_total", phase="cached"
+        ) == metric_sum(samples, "vllm:prompt_tokens_total")
+    assert log.read_text().count("injected prediction failure") == 1  # logged once
+
+
+def test_wrong_setting_fails_at_startup(tiny_model_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    server = LocalVllmServer(tiny_model_dir, env={"LLMCO2_TARGET_GPU": "H900"}, log_path=log, startup_timeout_seconds=120)
+    with pytest.raises(RuntimeError):
+        server.start()
+    server.stop()
+    text = log.read_text()
+    assert "LLMCO2_TARGET_GPU='H900'" in text and "llmco2 gpus" in text
