@@ -17,6 +17,9 @@ from dataclasses import asdict
 from typing import Sequence
 
 
+from .batch_predict import BATCH_COLUMNS, OPTIONAL_BATCH_COLUMNS
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -33,16 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmco2", description="Energy and carbon of LLM inference.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    predict = commands.add_parser("predict", help="predict energy and carbon of a static batch of requests")
-    predict.add_argument("--model", required=True, help="catalog model id (see `llmco2 models`) or a config.json path")
-    predict.add_argument("--gpu", required=True, help="GPU name or alias (see `llmco2 gpus`)")
+    predict = commands.add_parser(
+        "predict",
+        help="predict energy and carbon of a static batch of requests (or of every row of a CSV)",
+        description="One static batch (--model --gpu --batch-size --prompt-tokens --output-tokens), or batch mode: "
+        "--batch-file IN.csv --out OUT.csv with columns " + ", ".join(BATCH_COLUMNS) + " (optional: "
+        + ", ".join(OPTIONAL_BATCH_COLUMNS) + "). In batch mode the exit status is the number of rows that "
+        "failed (capped at 100); each failed row gets an `error` column.",
+    )
+    predict.add_argument("--model", help="catalog model id (see `llmco2 models`) or a config.json path")
+    predict.add_argument("--gpu", help="GPU name or alias (see `llmco2 gpus`)")
     predict.add_argument("--num-gpus", type=_positive_int, default=None, help="GPUs in the engine (default: TP size)")
     predict.add_argument("--tensor-parallel", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
-    predict.add_argument("--batch-size", type=_positive_int, required=True, help="requests in the batch")
-    predict.add_argument("--prompt-tokens", type=_positive_int, required=True, help="prompt tokens per request")
-    predict.add_argument("--output-tokens", type=_positive_int, required=True, help="generated tokens per request")
+    predict.add_argument("--batch-size", type=_positive_int, help="requests in the batch")
+    predict.add_argument("--prompt-tokens", type=_positive_int, help="prompt tokens per request")
+    predict.add_argument("--output-tokens", type=_positive_int, help="generated tokens per request")
     predict.add_argument("--region", default=None, help="grid region code for carbon (see `llmco2 regions`)")
     predict.add_argument("--pue", type=float, default=1.0, help="power usage effectiveness (default 1.0)")
+    predict.add_argument("--calibration", default=None, help="calibration file from `llmco2 calibrate` to apply")
+    predict.add_argument("--batch-file", default=None, help="CSV of static batches to predict (batch mode)")
+    predict.add_argument("--out", default=None, help="output CSV for batch mode")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     for name, text in (("gpus", "list the GPU catalog"), ("regions", "list grid regions"), ("models", "list catalog models")):
@@ -65,37 +78,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .carbon import lookup_region, operational_grams_co2e
-    from .forecast import forecast_static_batch
-    from .hardware import Hardware, find_gpu
-    from .model_description import load_model
-    from .predictor import AnalyticPredictor
+    from .batch_predict import BatchPredictor, predict_file
 
-    model = load_model(args.model)
-    gpu = find_gpu(args.gpu)
-    hardware = Hardware(gpu, args.num_gpus or args.tensor_parallel, args.tensor_parallel, "configured")
-    forecast = forecast_static_batch(AnalyticPredictor(model, hardware), args.batch_size, args.prompt_tokens, args.output_tokens)
-    result = {
-        "model": model.name,
-        "gpu": gpu.name,
-        "num_gpus": hardware.num_gpus,
-        "tensor_parallel": hardware.tensor_parallel,
-        "batch_size": args.batch_size,
-        "prompt_tokens": args.prompt_tokens,
-        "output_tokens": args.output_tokens,
-        "predictor": "analytic",
-        "prefill_j": forecast.prefill_j,
-        "decode_j": forecast.decode_j,
-        "energy_j": forecast.energy_j,
-        "seconds": forecast.seconds,
-        "energy_j_per_output_token": forecast.energy_j / (args.batch_size * args.output_tokens),
-    }
-    if args.region:
-        intensity = lookup_region(args.region)
-        result["region"] = intensity.region
-        result["grid_intensity_grams_per_kwh"] = intensity.grams_co2e_per_kwh
-        result["pue"] = args.pue
-        result["carbon_g"] = operational_grams_co2e(forecast.energy_j, intensity, args.pue)
+    predictor = BatchPredictor(calibration_path=args.calibration, pue=args.pue)
+    if args.batch_file:
+        if not args.out:
+            raise ValueError("batch mode needs --out OUT.csv")
+        failed = predict_file(predictor, args.batch_file, args.out)
+        return min(failed, 100)
+    missing = [f"--{name.replace('_', '-')}" for name in ("model", "gpu", "batch_size", "prompt_tokens", "output_tokens")
+               if getattr(args, name) is None]  # fmt: skip
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (or use --batch-file IN.csv --out OUT.csv)")
+    result = predictor.predict(
+        {
+            "model": args.model,
+            "gpu": args.gpu,
+            "num_gpus": args.num_gpus or args.tensor_parallel,
+            "tensor_parallel": args.tensor_parallel,
+            "batch_size": args.batch_size,
+            "prompt_tokens": args.prompt_tokens,
+            "output_tokens": args.output_tokens,
+            "region": args.region or "",
+        }
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -173,7 +173,7 @@ def step_cost(
     if sliding_layers:
         window = int(model.sliding_window or 0)
         keys = keys + sliding_layers * _sliding_keys(context, tokens, window)
-        kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens)
+        kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens - 1)  # the window includes the query itself
     kv_bytes = np.where(has_tokens, (kv_read_tokens + layers * tokens) * kvb, 0.0)  # read context + write new
     ops.append(("attention", flops_per_pair * keys, 0.0, tokens * qo_width * ab * layers, kv_bytes, zero, layers))
 

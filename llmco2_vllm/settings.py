@@ -43,7 +43,12 @@ class Settings:
         values: dict[str, Any] = {}
         path = environ.get("LLMCO2_CONFIG")
         if path:
-            values.update(_read_file(path))
+            file_values = _read_file(path)
+            known_names = [f.name for f in fields(cls)]
+            for name in file_values:
+                if name not in known_names:
+                    raise SettingsError(_unknown_message(name, known_names, f"config file {path}"))
+            values.update(file_values)
         known = {f.name for f in fields(cls)}
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX) or key in INTERNAL_VARIABLES:
