@@ -11,16 +11,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
 from .step_shape import StepShape
 
 
-@dataclass(frozen=True, slots=True)
-class StepRecord:
-    """Raw references of one step, as the scheduler thread hands them over."""
+class StepRecord(NamedTuple):
+    """Raw references of one step, as the scheduler thread hands them over (a tuple: cheapest to build)."""
 
     scheduler_output: Any  # vllm.v1.core.sched.output.SchedulerOutput
     engine_outputs: Any  # dict[int, EngineCoreOutputs] returned by update_from_output
@@ -37,17 +36,16 @@ class StepRecorder:
         self._records: deque[StepRecord] = deque()
         self._last_finished = 0.0
         self.dropped = 0  # only the scheduler thread writes it
-        self.recorded = 0
 
     def record(self, scheduler_output: Any, engine_outputs: Any, started: float) -> None:
         finished = time.perf_counter()
-        wall = finished - max(started, self._last_finished)
+        last = self._last_finished
         self._last_finished = finished
         if len(self._records) >= self.capacity:
             self.dropped += 1
             return
+        wall = finished - (started if started > last else last)
         self._records.append(StepRecord(scheduler_output, engine_outputs, started, finished, wall))
-        self.recorded += 1
 
     def drain(self, limit: int = 4096) -> list[StepRecord]:
         """Take up to ``limit`` records (worker thread); deque.popleft is atomic against append."""

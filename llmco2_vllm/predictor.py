@@ -15,7 +15,7 @@ import numpy as np
 
 from .hardware import Hardware
 from .model_description import ModelDescription
-from .roofline import RooflineAssumptions, StepCost, step_cost
+from .roofline import Roofline, RooflineAssumptions, StepCost
 from .step_shape import StepShape
 
 
@@ -85,10 +85,10 @@ class AnalyticPredictor:
         self.model = model
         self.hardware = hardware
         self.pipeline_parallel = pipeline_parallel
-        self.assumptions = assumptions
+        self.roofline = Roofline(model, hardware, assumptions, pipeline_parallel)
 
     def cost(self, step: StepShape) -> StepCost:
-        return step_cost(self.model, self.hardware, step, self.assumptions, self.pipeline_parallel)
+        return self.roofline.cost(step)
 
     def predict_step(self, step: StepShape) -> StepPrediction:
         return prediction_from_cost(self.cost(step))

@@ -25,11 +25,6 @@ from .hardware import Hardware
 from .model_description import DTYPE_BYTES, ModelDescription
 from .step_shape import StepShape
 
-# The kernels one transformer layer launches in eager order (norm, qkv, rope, attention, o_proj,
-# residual add, norm, gate_up, activation, down, residual add).
-KERNELS_PER_LAYER = 11
-
-
 @dataclass(frozen=True)
 class RooflineAssumptions:
     """Efficiency and power constants of the analytic model; assumptions, not fits (see README)."""
@@ -44,9 +39,12 @@ class RooflineAssumptions:
 
 @dataclass(frozen=True)
 class StepCost:
-    """Per-operator cost of one step and each row's share of it.
+    """Per-operator cost of one step and how it splits over the step's rows.
 
-    Rows ``0..n-1`` are the prefill parts of the step's ``n`` requests, rows ``n..2n-1`` their decode parts.
+    Rows ``0..n-1`` are the prefill parts of the step's ``n`` requests, rows ``n..2n-1`` their decode
+    parts. Each op's row quantities are linear in a few row features (``row_features``, one row
+    per feature) with per-op coefficients (``op_coefficients``, ops x features): a row's share of an
+    op is its share of the op's binding resource (FLOPs, bytes or interconnect bytes).
     """
 
     op_names: tuple[str, ...]
@@ -57,7 +55,8 @@ class StepCost:
     op_interconnect_bytes: np.ndarray
     op_seconds: np.ndarray
     op_energy_j: np.ndarray
-    row_share: np.ndarray  # (ops, rows); each op's column-sum is 1 where the op did work
+    op_coefficients: np.ndarray  # (ops, features): the binding resource per unit of each feature
+    row_features: np.ndarray  # (features, rows): tokens, keys, logit rows, K/V bytes, token share
     num_requests: int
 
     @property
@@ -80,11 +79,28 @@ class StepCost:
     def energy_j(self) -> float:
         return float(self.op_energy_j.sum())
 
+    def _per_row(self, op_values: np.ndarray) -> np.ndarray:
+        """Distribute per-op values to rows: (values / binding total) . coefficients . features."""
+        totals = self.op_coefficients @ self.row_features.sum(axis=1)
+        scale = np.divide(op_values, totals, out=np.zeros_like(op_values), where=totals > 0)
+        rows = (scale @ self.op_coefficients) @ self.row_features
+        # Ops with nothing to share by (no binding work) split by tokens.
+        orphan = float(op_values[totals <= 0].sum())
+        return rows + orphan * self.row_features[-1] if orphan else rows
+
     def row_seconds(self) -> np.ndarray:
-        return self.op_seconds @ self.row_share
+        return self._per_row(self.op_seconds)
 
     def row_energy_j(self) -> np.ndarray:
-        return self.op_energy_j @ self.row_share
+        return self._per_row(self.op_energy_j)
+
+    @property
+    def row_share(self) -> np.ndarray:
+        """(ops, rows) share matrix; each op's shares sum to 1 (for inspection and tests)."""
+        per_op_rows = self.op_coefficients[:, :, None] * self.row_features[None, :, :]
+        binding = per_op_rows.sum(axis=1)
+        sums = binding.sum(axis=1, keepdims=True)
+        return np.where(sums > 0, binding / np.where(sums > 0, sums, 1.0), self.row_features[-1])
 
 
 def _sliding_keys(context: np.ndarray, tokens: np.ndarray, window: int | None) -> np.ndarray:
@@ -100,6 +116,179 @@ def _sliding_keys(context: np.ndarray, tokens: np.ndarray, window: int | None) -
     return keys_up_to(context + tokens) - keys_up_to(context)
 
 
+class Roofline:
+    """Per-operator coefficients of one (model, hardware) pair, computed once.
+
+    Every operator's FLOPs and bytes are linear in a few per-row quantities (tokens, attention
+    keys, K/V tokens read, logit rows), so a step costs a handful of outer products instead of
+    one numpy expression per operator: this is what keeps the plugin's worker cheap.
+    """
+
+    def __init__(
+        self,
+        model: ModelDescription,
+        hardware: Hardware,
+        assumptions: RooflineAssumptions = RooflineAssumptions(),
+        pipeline_parallel: int = 1,
+    ) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.assumptions = assumptions
+        h = model.hidden_size
+        layers = model.num_layers
+        wb = model.weight_bytes_per_param
+        ab = model.activation_bytes
+        heads = model.num_attention_heads
+        tp = hardware.tensor_parallel
+        self.tensor_parallel = tp
+        self.gpus = tp * pipeline_parallel
+
+        v_dim = model.v_head_dim if model.is_mla else model.head_dim
+        rope_width = (heads + (0 if model.is_mla else model.num_kv_heads)) * (
+            model.qk_rope_head_dim if model.is_mla else model.head_dim
+        )
+        o_params = heads * v_dim * h
+        qkv_params = model.attention_params_per_layer - o_params
+        if model.is_mla:
+            flops_per_pair = 2 * heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+            qo_width = heads * (model.kv_lora_rank + model.qk_rope_head_dim) + heads * model.kv_lora_rank
+        else:
+            flops_per_pair = 4 * heads * model.head_dim
+            qo_width = 2 * heads * model.head_dim
+
+        # name: (flops/token, flops/key, flops/logit row, weight bytes, act bytes/token, act bytes/logit row,
+        #        interconnect bytes/token, launches)
+        ops: list[tuple[str, float, float, float, float, float, float, float, float]] = [
+            ("embedding", 0, 0, 0, 0, 2 * h * ab, 0, 0, 1),
+            ("norms_residual_rope", 0, 0, 0, 0, layers * ab * (10 * h + 2 * rope_width), 0, 0, 5 * layers),
+            ("qkv_projection", 2 * qkv_params * layers, 0, 0, qkv_params * wb * layers,
+             (h + qkv_params / h) * ab * layers, 0, 0, layers),
+            ("attention", 0, flops_per_pair, 0, 0, qo_width * ab * layers, 0, 0, layers),
+            ("output_projection", 2 * o_params * layers, 0, 0, o_params * wb * layers,
+             (heads * v_dim + h) * ab * layers, 0, 0, layers),
+        ]  # fmt: skip
+        dense_layers = model.num_dense_layers
+        if dense_layers and model.dense_mlp_params_per_layer:
+            width = model.intermediate_size
+            params = model.dense_mlp_params_per_layer
+            ops.append(("mlp", 2 * params * dense_layers, 0, 0, params * wb * dense_layers,
+                        (2 * h + 4 * width) * ab * dense_layers, 0, 0, 3 * dense_layers))  # fmt: skip
+        moe_layers = model.num_moe_layers
+        self.moe_index = -1
+        if moe_layers:
+            experts = model.num_experts
+            width = model.experts_per_token * model.moe_intermediate_size + model.shared_expert_intermediate_size
+            per_token_params = model.experts_per_token * model.expert_params + model.shared_expert_params_per_layer
+            router = model.router_params_per_layer
+            ops.append(("moe_router", 2 * router * moe_layers, 0, 0, router * wb * moe_layers,
+                        (h + experts) * ab * moe_layers, 0, 0, 2 * moe_layers))  # fmt: skip
+            self.moe_index = len(ops)
+            # Weight bytes depend on how many distinct experts the step touches: set per step.
+            ops.append(("moe_experts", 2 * per_token_params * moe_layers, 0, 0, 0,
+                        (2 * h + 4 * width) * ab * moe_layers, 0, 0, 4 * moe_layers))  # fmt: skip
+        lm_head_params = h * model.vocab_size
+        ops.append(("lm_head", 0, 0, 2 * lm_head_params, lm_head_params * wb, 0, h * ab + model.vocab_size * 4, 0, 1))
+        if tp > 1:
+            # Two all-reduces per layer of the residual stream; a ring moves 2(tp-1)/tp of it per GPU.
+            ops.append(("tensor_parallel_all_reduce", 0, 0, 0, 0, 0, 0, 2 * layers * h * ab * 2 * (tp - 1), 2 * layers))
+
+        table = np.array([op[1:] for op in ops], dtype=np.float64)
+        self.op_names = tuple(op[0] for op in ops)
+        (self.flops_per_token, self.flops_per_key, self.flops_per_logit, self.weight_bytes,
+         self.act_per_token, self.act_per_logit, self.link_per_token, self.launches) = table.T  # fmt: skip
+        self.attention_mask = np.array([name == "attention" for name in self.op_names], dtype=np.float64)
+
+        gpu = hardware.gpu
+        self.peak_flops = gpu.peak_flops(_compute_dtype(model)) * assumptions.compute_efficiency
+        self.bandwidth = gpu.memory_bandwidth_bytes_per_second * assumptions.memory_efficiency
+        self.link = max(gpu.interconnect_bytes_per_second, 1.0) * assumptions.interconnect_efficiency
+        self.idle_watts = gpu.idle_watts_or_default()
+        self.dynamic_watts = max(gpu.tdp_watts - self.idle_watts, 0.0)
+
+    def cost(self, step: StepShape) -> StepCost:
+        model, a = self.model, self.assumptions
+        n = step.num_requests
+        tokens = np.concatenate([step.prefill_tokens, step.decode_tokens]).astype(np.float64)
+        context = np.concatenate([step.context_tokens, step.context_tokens + step.prefill_tokens]).astype(np.float64)
+        total_tokens = float(tokens.sum())
+        # One logit row per scheduled request (its last position) plus every speculative position.
+        logits = np.concatenate(
+            [((step.prefill_tokens > 0) & (step.decode_tokens == 0)).astype(np.float64), step.decode_tokens.astype(np.float64)]
+        )
+        layers = model.num_layers
+        sliding_layers = model.num_sliding_window_layers
+        full_layers = layers - sliding_layers
+        keys = full_layers * _sliding_keys(context, tokens, None)
+        kv_read_tokens = full_layers * (context + tokens)
+        if sliding_layers:
+            window = int(model.sliding_window or 0)
+            keys = keys + sliding_layers * _sliding_keys(context, tokens, window)
+            # The window includes the query itself: a chunk of T tokens reads at most w + T - 1 keys.
+            kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens - 1)
+        kv_row = np.where(tokens > 0, (kv_read_tokens + layers * tokens) * model.kv_cache_bytes_per_token_per_layer, 0.0)
+
+        token_share = tokens / total_tokens if total_tokens else np.zeros_like(tokens)
+        token_sum, key_sum, logit_sum, kv_sum = float(total_tokens), float(keys.sum()), float(logits.sum()), float(kv_row.sum())
+        op_flops = self.flops_per_token * token_sum + self.flops_per_key * key_sum + self.flops_per_logit * logit_sum
+        op_activation = self.act_per_token * token_sum + self.act_per_logit * logit_sum
+        op_kv = self.attention_mask * kv_sum
+        op_link = self.link_per_token * token_sum
+        weight_bytes = self.weight_bytes if total_tokens else np.zeros_like(self.weight_bytes)  # an empty step reads nothing
+        if self.moe_index >= 0:
+            experts, k = model.num_experts, model.experts_per_token
+            # Expected number of distinct experts the step's tokens route to (uniform routing).
+            touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens) if total_tokens else 0.0
+            weight_bytes = weight_bytes.copy()
+            weight_bytes[self.moe_index] = (
+                (touched * model.expert_params + model.shared_expert_params_per_layer)
+                * model.weight_bytes_per_param
+                * model.num_moe_layers
+            )
+        op_bytes = op_activation + op_kv + weight_bytes
+
+        tp = self.tensor_parallel
+        compute_seconds = op_flops / (tp * self.peak_flops)
+        memory_seconds = op_bytes / (tp * self.bandwidth)
+        link_seconds = op_link / (tp * self.link)
+        slowest_transfer = np.maximum(memory_seconds, link_seconds)
+        busy = np.maximum(compute_seconds, slowest_transfer)
+        op_seconds = busy + self.launches * a.kernel_launch_seconds if total_tokens > 0 else busy
+
+        activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * slowest_transfer
+        dynamic_fraction = np.minimum(1.0, np.divide(activity, op_seconds, out=np.zeros_like(activity), where=op_seconds > 0))
+        op_energy = self.gpus * op_seconds * (self.idle_watts + self.dynamic_watts * dynamic_fraction)
+
+        # Binding resource per unit of each row feature (tokens, keys, logit rows, K/V bytes, token share).
+        compute_bound = compute_seconds >= slowest_transfer
+        link_bound = ~compute_bound & (link_seconds > memory_seconds)
+        memory_bound = ~compute_bound & ~link_bound
+        coefficients = np.stack(
+            [
+                np.where(compute_bound, self.flops_per_token, np.where(link_bound, self.link_per_token, self.act_per_token)),
+                np.where(compute_bound, self.flops_per_key, 0.0),
+                np.where(compute_bound, self.flops_per_logit, np.where(memory_bound, self.act_per_logit, 0.0)),
+                np.where(memory_bound, self.attention_mask, 0.0),
+                np.where(memory_bound, weight_bytes, 0.0),
+            ],
+            axis=1,
+        )
+        features = np.stack([tokens, keys, logits, kv_row, token_share])
+
+        return StepCost(
+            op_names=self.op_names,
+            op_flops=op_flops,
+            op_weight_bytes=weight_bytes,
+            op_activation_bytes=op_activation,
+            op_kv_cache_bytes=op_kv,
+            op_interconnect_bytes=op_link,
+            op_seconds=op_seconds,
+            op_energy_j=op_energy,
+            op_coefficients=coefficients,
+            row_features=features,
+            num_requests=n,
+        )
+
+
 def step_cost(
     model: ModelDescription,
     hardware: Hardware,
@@ -107,203 +296,8 @@ def step_cost(
     assumptions: RooflineAssumptions = RooflineAssumptions(),
     pipeline_parallel: int = 1,
 ) -> StepCost:
-    """Roofline cost of one engine step of ``model`` on ``hardware``."""
-    n = step.num_requests
-    tokens = np.concatenate([step.prefill_tokens, step.decode_tokens]).astype(np.float64)
-    context = np.concatenate([step.context_tokens, step.context_tokens + step.prefill_tokens]).astype(np.float64)
-    total_tokens = float(tokens.sum())
-    has_tokens = tokens > 0
-    # One logit row per scheduled request (its last position) plus every speculative position.
-    logit_rows = np.concatenate(
-        [
-            np.where((step.prefill_tokens > 0) & (step.decode_tokens == 0), 1.0, 0.0),
-            np.where(step.decode_tokens > 0, step.decode_tokens, 0).astype(np.float64),
-        ]
-    )
-
-    h = model.hidden_size
-    layers = model.num_layers
-    wb = model.weight_bytes_per_param
-    ab = model.activation_bytes
-    kvb = model.kv_cache_bytes_per_token_per_layer
-    heads = model.num_attention_heads
-    tp = hardware.tensor_parallel
-    gpus = tp * pipeline_parallel
-
-    ops: list[tuple[str, np.ndarray, float, np.ndarray, np.ndarray, np.ndarray, int]] = []
-    # (name, flops per row, weight bytes, activation bytes per row, kv bytes per row, interconnect bytes per row, launches)
-
-    zero = np.zeros_like(tokens)
-    ops.append(("embedding", zero, 0.0, tokens * h * ab * 2, zero, zero, 1))
-
-    # Norms, residual adds and rotary embeddings: memory bound elementwise kernels.
-    v_dim = model.v_head_dim if model.is_mla else model.head_dim
-    rope_width = (model.num_attention_heads + (0 if model.is_mla else model.num_kv_heads)) * (
-        model.qk_rope_head_dim if model.is_mla else model.head_dim
-    )
-    elementwise_bytes = layers * tokens * ab * (10 * h + 2 * rope_width)
-    ops.append(("norms_residual_rope", zero, 0.0, elementwise_bytes, zero, zero, 5 * layers))
-
-    o_params = heads * v_dim * h
-    qkv_params = model.attention_params_per_layer - o_params
-    q_width = qkv_params / h
-    ops.append(
-        (
-            "qkv_projection",
-            2 * tokens * qkv_params * layers,
-            qkv_params * wb * layers,
-            tokens * (h + q_width) * ab * layers,
-            zero,
-            zero,
-            layers,
-        )
-    )
-
-    # Attention: FLOPs per (query, key) pair and per layer.
-    if model.is_mla:
-        flops_per_pair = 2 * heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
-        qo_width = heads * (model.kv_lora_rank + model.qk_rope_head_dim) + heads * model.kv_lora_rank
-    else:
-        flops_per_pair = 4 * heads * model.head_dim
-        qo_width = 2 * heads * model.head_dim
-    full_layers = layers - model.num_sliding_window_layers
-    sliding_layers = model.num_sliding_window_layers
-    keys = full_layers * _sliding_keys(context, tokens, None)
-    kv_read_tokens = full_layers * (context + tokens)
-    if sliding_layers:
-        window = int(model.sliding_window or 0)
-        keys = keys + sliding_layers * _sliding_keys(context, tokens, window)
-        kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens - 1)  # the window includes the query itself
-    kv_bytes = np.where(has_tokens, (kv_read_tokens + layers * tokens) * kvb, 0.0)  # read context + write new
-    ops.append(("attention", flops_per_pair * keys, 0.0, tokens * qo_width * ab * layers, kv_bytes, zero, layers))
-
-    ops.append(
-        (
-            "output_projection",
-            2 * tokens * o_params * layers,
-            o_params * wb * layers,
-            tokens * (heads * v_dim + h) * ab * layers,
-            zero,
-            zero,
-            layers,
-        )
-    )
-
-    dense_layers = model.num_dense_layers
-    if dense_layers and model.dense_mlp_params_per_layer:
-        width = model.intermediate_size
-        ops.append(
-            (
-                "mlp",
-                2 * tokens * model.dense_mlp_params_per_layer * dense_layers,
-                model.dense_mlp_params_per_layer * wb * dense_layers,
-                tokens * (h + 3 * width + width + h) * ab * dense_layers,
-                zero,
-                zero,
-                3 * dense_layers,
-            )
-        )
-    moe_layers = model.num_moe_layers
-    if moe_layers:
-        experts = model.num_experts
-        k = model.experts_per_token
-        # Expected number of distinct experts the step's tokens route to (uniform routing).
-        touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens) if total_tokens else 0.0
-        expert_weights = (touched * model.expert_params + model.shared_expert_params_per_layer) * wb * moe_layers
-        per_token_params = k * model.expert_params + model.shared_expert_params_per_layer
-        width = k * model.moe_intermediate_size + model.shared_expert_intermediate_size
-        ops.append(
-            (
-                "moe_router",
-                2 * tokens * model.router_params_per_layer * moe_layers,
-                model.router_params_per_layer * wb * moe_layers,
-                tokens * (h + experts) * ab * moe_layers,
-                zero,
-                zero,
-                2 * moe_layers,
-            )
-        )
-        ops.append(
-            (
-                "moe_experts",
-                2 * tokens * per_token_params * moe_layers,
-                expert_weights,
-                tokens * (h + 4 * width + h) * ab * moe_layers,
-                zero,
-                zero,
-                4 * moe_layers,
-            )
-        )
-
-    lm_head_params = model.hidden_size * model.vocab_size
-    ops.append(("lm_head", 2 * logit_rows * lm_head_params, lm_head_params * wb, logit_rows * (h * ab + model.vocab_size * 4), zero, zero, 1))
-
-    if tp > 1:
-        # Two all-reduces per layer of the residual stream; ring all-reduce moves 2(tp-1)/tp of it per GPU.
-        per_gpu = 2 * layers * tokens * h * ab * 2 * (tp - 1) / tp
-        ops.append(("tensor_parallel_all_reduce", zero, 0.0, zero, zero, per_gpu * tp, 2 * layers))
-
-    names = tuple(op[0] for op in ops)
-    flops = np.array([op[1] for op in ops], dtype=np.float64).reshape(len(ops), -1)
-    weight_bytes = np.array([op[2] for op in ops], dtype=np.float64)
-    activation = np.array([op[3] for op in ops], dtype=np.float64).reshape(len(ops), -1)
-    kv = np.array([op[4] for op in ops], dtype=np.float64).reshape(len(ops), -1)
-    interconnect = np.array([op[5] for op in ops], dtype=np.float64).reshape(len(ops), -1)
-    launches = np.array([op[6] for op in ops], dtype=np.float64)
-
-    # Weights are read once per step and shared by all rows in proportion to their tokens.
-    token_share = tokens / total_tokens if total_tokens else np.zeros_like(tokens)
-    row_bytes = activation + kv + np.outer(weight_bytes, token_share)
-
-    gpu = hardware.gpu
-    peak_flops = gpu.peak_flops(_compute_dtype(model)) * assumptions.compute_efficiency
-    bandwidth = gpu.memory_bandwidth_bytes_per_second * assumptions.memory_efficiency
-    link = max(gpu.interconnect_bytes_per_second, 1.0) * assumptions.interconnect_efficiency
-
-    # Per GPU of the TP group: FLOPs and bytes split tp ways.
-    compute_seconds = flops.sum(axis=1) / tp / peak_flops
-    memory_seconds = row_bytes.sum(axis=1) / tp / bandwidth
-    link_seconds = interconnect.sum(axis=1) / tp / link
-    busy = np.maximum(np.maximum(compute_seconds, memory_seconds), link_seconds)
-    any_work = total_tokens > 0
-    op_seconds = busy + (launches * assumptions.kernel_launch_seconds if any_work else 0.0)
-
-    idle_watts = gpu.idle_watts_or_default()
-    dynamic_watts = max(gpu.tdp_watts - idle_watts, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dynamic_fraction = np.where(
-            op_seconds > 0,
-            np.minimum(
-                1.0,
-                (
-                    assumptions.compute_power_fraction * compute_seconds
-                    + assumptions.memory_power_fraction * np.maximum(memory_seconds, link_seconds)
-                )
-                / op_seconds,
-            ),
-            0.0,
-        )
-    op_energy = gpus * op_seconds * (idle_watts + dynamic_watts * dynamic_fraction)
-
-    # Each row's share of an op: share of its binding resource.
-    compute_bound = compute_seconds >= np.maximum(memory_seconds, link_seconds)
-    binding = np.where(compute_bound[:, None], flops, np.where((link_seconds > memory_seconds)[:, None], interconnect, row_bytes))
-    sums = binding.sum(axis=1, keepdims=True)
-    fallback = np.broadcast_to(token_share, binding.shape)
-    share = np.where(sums > 0, binding / np.where(sums > 0, sums, 1.0), fallback)
-
-    return StepCost(
-        op_names=names,
-        op_flops=flops.sum(axis=1),
-        op_weight_bytes=weight_bytes,
-        op_activation_bytes=activation.sum(axis=1),
-        op_kv_cache_bytes=kv.sum(axis=1),
-        op_interconnect_bytes=interconnect.sum(axis=1),
-        op_seconds=op_seconds,
-        op_energy_j=op_energy,
-        row_share=share,
-        num_requests=n,
-    )
+    """Roofline cost of one engine step of ``model`` on ``hardware`` (builds a ``Roofline`` each call)."""
+    return Roofline(model, hardware, assumptions, pipeline_parallel).cost(step)
 
 
 def _compute_dtype(model: ModelDescription) -> str:

@@ -83,9 +83,10 @@ def capturing_scheduler(base: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._llmco2_started: dict[int, float] = {}
-            self._llmco2 = None
+            self._llmco2 = self._llmco2_recorder = None
             try:
                 self._llmco2 = build_engine_pipeline(self.vllm_config)
+                self._llmco2_recorder = self._llmco2.recorder
             except Exception:
                 logger.exception("llmco2: could not start; vLLM runs without the plugin")
 
@@ -98,12 +99,12 @@ def capturing_scheduler(base: type) -> type:
 
         def update_from_output(self, scheduler_output, model_runner_output):
             result = super().update_from_output(scheduler_output, model_runner_output)
-            pipeline = self._llmco2
-            if pipeline is not None:
+            recorder = self._llmco2_recorder
+            if recorder is not None:
                 try:
                     started = self._llmco2_started.pop(id(scheduler_output), None)
                     if started is not None:
-                        pipeline.record(scheduler_output, result, started)
+                        recorder.record(scheduler_output, result, started)
                     if len(self._llmco2_started) > 64:  # outputs vLLM never updated (aborted steps)
                         self._llmco2_started.clear()
                 except Exception:
