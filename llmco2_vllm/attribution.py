@@ -43,10 +43,18 @@ class RequestEnergy:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache (no prefill compute)
     decode_tokens: int = 0
     steps: int = 0
+    # The same energy corrected by the online calibration in force at each step (equal to the
+    # predicted values until a calibration has been learned or loaded).
+    calibrated_prefill_energy_j: float = 0.0
+    calibrated_decode_energy_j: float = 0.0
 
     @property
     def energy_j(self) -> float:
         return self.prefill_energy_j + self.decode_energy_j
+
+    @property
+    def calibrated_energy_j(self) -> float:
+        return self.calibrated_prefill_energy_j + self.calibrated_decode_energy_j
 
 
 class RequestLedger:
@@ -73,13 +81,30 @@ class RequestLedger:
     def add_cached_tokens(self, request_id: str, tokens: int) -> None:
         self._entry(request_id).cached_tokens += tokens
 
-    def add_step(self, step: StepShape, prefill_j: np.ndarray, decode_j: np.ndarray) -> None:
-        for i, request_id in enumerate(step.request_ids):
+    def add_step(
+        self,
+        step: StepShape,
+        prefill_j: np.ndarray,
+        decode_j: np.ndarray,
+        prefill_scale: float = 1.0,
+        decode_scale: float = 1.0,
+    ) -> None:
+        """Add one step's attributed energy; the scales are the calibration's per-phase factors."""
+        rows = zip(
+            step.request_ids,
+            prefill_j.tolist(),
+            decode_j.tolist(),
+            step.prefill_tokens.tolist(),
+            step.decode_tokens.tolist(),
+        )
+        for request_id, prefill, decode, prefill_tokens, decode_tokens in rows:
             entry = self._entry(request_id)
-            entry.prefill_energy_j += float(prefill_j[i])
-            entry.decode_energy_j += float(decode_j[i])
-            entry.prefill_tokens += int(step.prefill_tokens[i])
-            entry.decode_tokens += int(step.decode_tokens[i])
+            entry.prefill_energy_j += prefill
+            entry.decode_energy_j += decode
+            entry.calibrated_prefill_energy_j += prefill * prefill_scale
+            entry.calibrated_decode_energy_j += decode * decode_scale
+            entry.prefill_tokens += prefill_tokens
+            entry.decode_tokens += decode_tokens
             entry.steps += 1
 
     def finish(self, request_id: str) -> RequestEnergy | None:

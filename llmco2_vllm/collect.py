@@ -216,7 +216,7 @@ def _build_reference_classes() -> dict[str, type]:
             cache.keys[:, :, start:start + tokens] = k
             cache.values[:, :, start:start + tokens] = v
             keys, values = cache.keys[:, :, :start + tokens], cache.values[:, :, :start + tokens]
-            out = _attend(q, keys, values, start, mask)
+            out = _attend(q, keys, values, mask)
             return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
 
     class DenseMLP(nn.Module):
@@ -312,6 +312,10 @@ def _build_reference_classes() -> dict[str, type]:
             self.lm_head = nn.Linear(model.hidden_size, model.vocab_size, bias=False, device=device, dtype=dtype)
             if model.tie_word_embeddings:
                 self.lm_head.weight = self.embed.weight
+            #: Prefill from scratch calls SDPA with is_causal + enable_gqa (flash on CUDA); when no
+            #: fused kernel takes that call, the harness sets this False and the grouped-query
+            #: fold with an explicit causal mask (memory-efficient kernel) is used instead.
+            self.fused_causal_gqa = True
 
         @property
         def layers_measured(self) -> int:
@@ -332,7 +336,8 @@ def _build_reference_classes() -> dict[str, type]:
             tokens = token_ids.shape[1]
             rope = _rope_tables(self.description.head_dim, start, tokens, self.device, self.dtype)
             group = self.description.num_attention_heads // self.description.num_kv_heads
-            mask = _lower_right_mask(tokens, start, group, self.device) if tokens > 1 and start > 0 else None
+            needs_mask = tokens > 1 and (start > 0 or not self.fused_causal_gqa)
+            mask = _lower_right_mask(tokens, start, group, self.device) if needs_mask else None
             x = self.embed(token_ids)
             for layer, layer_cache in zip(self.layers, cache):
                 x = layer(x, rope, layer_cache, start, mask)
@@ -361,14 +366,14 @@ def _build_reference_classes() -> dict[str, type]:
         queries = torch.arange(start, start + tokens, device=device)
         return (keys[None, :] <= queries[:, None]).repeat(group, 1)
 
-    def _attend(q: Any, keys: Any, values: Any, start: int, mask: Any) -> Any:
-        """SDPA over the cache. Decode and chunks after context fold each KV head's query heads
-        into the query axis (no K/V copies, like vLLM's GQA decode); prefill from scratch uses
-        ``is_causal`` with ``enable_gqa``."""
+    def _attend(q: Any, keys: Any, values: Any, mask: Any) -> Any:
+        """SDPA over the cache. Decode (one token, no mask) and masked chunks fold each KV head's
+        query heads into the query axis (no K/V copies, like vLLM's GQA decode); unmasked
+        prefill from scratch uses ``is_causal`` with ``enable_gqa``."""
         batch, heads, tokens, head_dim = q.shape
         kv_heads = keys.shape[1]
         group = heads // kv_heads
-        if tokens > 1 and start == 0:
+        if tokens > 1 and mask is None:
             return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=group > 1)
         folded = q.reshape(batch, kv_heads, group * tokens, head_dim)
         out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
@@ -386,12 +391,12 @@ def _classes() -> dict[str, type]:
     return _CLASSES
 
 
-def attention_call(shape: SweepShape) -> str:
+def attention_call(shape: SweepShape, fused_causal_gqa: bool = True) -> str:
     """How ``scaled_dot_product_attention`` is called for a shape (CSV provenance)."""
-    if shape.tokens_per_request > 1 and shape.context_tokens == 0:
-        return "sdpa is_causal enable_gqa"
     if shape.tokens_per_request == 1:
         return "sdpa grouped-query fold"
+    if shape.context_tokens == 0 and fused_causal_gqa:
+        return "sdpa is_causal enable_gqa"
     return "sdpa grouped-query fold + lower-right mask"
 
 
@@ -592,6 +597,9 @@ def _package_version(*names: str) -> str:
 # ==========================================================================================
 # Measurement
 # ==========================================================================================
+
+#: Pause after building the model before the idle window opens.
+IDLE_SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -827,6 +835,8 @@ def collect(config: CollectConfig, meter: Meter, write_row: Callable[[dict[str, 
         idle_watts = math.nan
         if config.idle_seconds > 0:
             _progress(stream, f"idle power for {config.idle_seconds:g} s")
+            if is_cuda:
+                time.sleep(IDLE_SETTLE_SECONDS)  # let init kernels' clocks and power ramp down
             meter.begin_window("idle")
             time.sleep(config.idle_seconds)
             idle = meter.end_window("idle")
@@ -844,12 +854,13 @@ def collect(config: CollectConfig, meter: Meter, write_row: Callable[[dict[str, 
         rows: list[dict[str, Any]] = []
         for index, shape in enumerate(shapes, 1):
             try:
-                row = _measure_shape(reference, shape, config, meter, synchronize, probe)
+                row = _measure_shape_with_fallback(reference, shape, config, meter, synchronize, probe, stream)
             except RuntimeError as error:  # CUDA OOM or no fused attention kernel: report, go on
                 _progress(stream, f"skip {shape.label}: {str(error).splitlines()[0]}")
+                continue
+            finally:
                 if is_cuda:
                     torch.cuda.empty_cache()
-                continue
             predicted_seconds, predicted_energy = _predict(predictor, shape)
             row.update(fixed)
             row.update(predicted_seconds_per_step=predicted_seconds, predicted_energy_j_per_step=predicted_energy,
@@ -863,6 +874,22 @@ def collect(config: CollectConfig, meter: Meter, write_row: Callable[[dict[str, 
         return rows
     finally:
         probe.close()
+
+
+def _measure_shape_with_fallback(reference: Any, shape: SweepShape, config: CollectConfig, meter: Meter,
+                                 synchronize: Callable[[], None], probe: NvmlProbe,
+                                 stream: TextIO | None) -> dict[str, Any]:
+    """Measure a shape; if no fused kernel takes is_causal + enable_gqa, switch to the masked fold once."""
+    try:
+        return _measure_shape(reference, shape, config, meter, synchronize, probe)
+    except RuntimeError as error:
+        uses_causal_gqa = attention_call(shape, reference.fused_causal_gqa) == "sdpa is_causal enable_gqa"
+        if not uses_causal_gqa or "out of memory" in str(error).lower():
+            raise
+        _progress(stream, f"{shape.label}: SDPA is_causal+enable_gqa failed ({str(error).splitlines()[0]}); "
+                          "using the grouped-query fold with a causal mask from now on")
+        reference.fused_causal_gqa = False
+        return _measure_shape(reference, shape, config, meter, synchronize, probe)
 
 
 def _measure_shape(reference: Any, shape: SweepShape, config: CollectConfig, meter: Meter,
@@ -893,7 +920,7 @@ def _measure_shape(reference: Any, shape: SweepShape, config: CollectConfig, met
         "head_steps": head.steps if head else None,
         "head_seconds_per_step": head.seconds_per_step if head else None,
         "head_energy_j_per_step": head.energy_j_per_step if head else None,
-        "attention_call": attention_call(shape),
+        "attention_call": attention_call(shape, reference.fused_causal_gqa),
         "gpu_clock_mhz": step.gpu_clock_mhz, "memory_clock_mhz": step.memory_clock_mhz,
     }
 

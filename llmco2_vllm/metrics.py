@@ -23,8 +23,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 PHASES = ("prefill", "decode")
+ENERGY_PHASES = ("prefill", "decode", "idle")
 TOKEN_PHASES = ("prefill", "decode", "cached")
-ERROR_STAGES = ("capture", "predict", "attribute", "carbon", "export")
+ERROR_STAGES = ("capture", "predict", "attribute", "calibrate", "export")
 
 # Per-request energy spans a tiny CPU test model to long generations of large models.
 REQUEST_ENERGY_BUCKETS_J = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -122,14 +123,52 @@ class PluginMetrics:
             multiprocess_mode="mostrecent",
         )
         self.pue = Gauge("llmco2_pue", "Power usage effectiveness in use.", base, registry=registry, multiprocess_mode="mostrecent")
+        self.measurement_available = Gauge(
+            "llmco2_energy_measurement_available",
+            "1 when the engine's GPU energy is measured through NVML, 0 when only predicted.",
+            base,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.calibration_scale = Gauge(
+            "llmco2_calibration_scale",
+            "Online calibration: measured / predicted energy factor in force, by phase.",
+            base + ["phase"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.calibration_idle_watts = Gauge(
+            "llmco2_calibration_idle_watts",
+            "Online calibration: idle power of the engine's GPUs in force, watts.",
+            base,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.calibration_windows = Gauge(
+            "llmco2_calibration_windows",
+            "Measurement windows the calibration has learned (kept across restarts with LLMCO2_CALIBRATION_FILE).",
+            base,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.prediction_error = Gauge(
+            "llmco2_prediction_error_ratio",
+            "Rolling mean absolute percentage error (as a ratio) of window energy vs NVML, "
+            "before (raw) and after (calibrated) the online correction; NaN until windows were measured.",
+            base + ["correction"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self._initialise_series()
 
     def _initialise_series(self) -> None:
         """Create every labelled series at zero so rates and absent() work from the first scrape."""
         labels = self._labels
+        for phase in ENERGY_PHASES:
+            for source in ("predicted", "calibrated"):
+                self.energy.labels(**labels, phase=phase, source=source)
+                self.carbon.labels(**labels, phase=phase, source=source)
         for phase in PHASES:
-            self.energy.labels(**labels, phase=phase, source="predicted")
-            self.carbon.labels(**labels, phase=phase, source="predicted")
             self.predicted_seconds.labels(**labels, phase=phase)
         for phase in TOKEN_PHASES:
             self.tokens.labels(**labels, phase=phase)

@@ -18,10 +18,12 @@ from typing import Callable
 from prometheus_client import CollectorRegistry
 
 from .attribution import RequestEnergy, RequestLedger, split_step_energy
+from .calibration import OnlineCalibrator
 from .capture import StepRecord, StepRecorder, StepShapeBuilder
 from .carbon import GridIntensity, operational_grams_co2e
+from .energy_windows import Meter, WindowAccountant
 from .hardware import Hardware
-from .metrics import PHASES, PluginMetrics, SnapshotWriter
+from .metrics import ENERGY_PHASES, PHASES, PluginMetrics, SnapshotWriter
 from .predictor import StepPredictor
 from .settings import Settings
 
@@ -59,6 +61,7 @@ class RequestLog:
             "prefill_energy_j": energy.prefill_energy_j,
             "decode_energy_j": energy.decode_energy_j,
             "energy_j": energy.energy_j,
+            "calibrated_energy_j": energy.calibrated_energy_j,
             "carbon_grams": finished.carbon_grams,
             **self.context,
         }
@@ -79,6 +82,8 @@ class EnginePipeline:
         engine: str = "0",
         snapshot_path: Path | None = None,
         on_finished: Callable[[FinishedRequest], None] | None = None,
+        meter: Meter | None = None,
+        calibrator: OnlineCalibrator | None = None,
     ) -> None:
         self.settings = settings
         self.predictor = predictor
@@ -129,6 +134,19 @@ class EnginePipeline:
         m.labels(m.grid_intensity, region=intensity.region, kind=intensity.kind).set(intensity.grams_co2e_per_kwh)
         m.labels(m.pue).set(settings.pue)
 
+        prior_idle_watts = hardware.num_gpus * hardware.gpu.idle_watts_or_default()
+        self.calibrator = calibrator or OnlineCalibrator(
+            forgetting=settings.calibration_forgetting, prior_idle_watts=prior_idle_watts
+        )
+        self.windows = WindowAccountant(meter, self.calibrator, prior_idle_watts, settings.calibration_window_seconds)
+        measured = self.windows.meter is not None
+        m.labels(m.measurement_available).set(1 if measured else 0)
+        if measured:  # the measured series exist only where something is measured
+            for phase in ENERGY_PHASES:
+                m.labels(m.energy, phase=phase, source="measured")
+                m.labels(m.carbon, phase=phase, source="measured")
+        self._publish_calibration()
+
     # -- scheduler thread -------------------------------------------------------------------
     def record(self, scheduler_output, engine_outputs, started: float) -> None:
         """Called by the scheduler hook; must stay O(1) and never raise into vLLM."""
@@ -140,11 +158,12 @@ class EnginePipeline:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Process what is queued, publish once more, stop the worker."""
+        """Process what is queued, close the last measurement window, publish once more, stop the worker."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self.process_pending()
+        self.close_window()
         self._publish()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -165,6 +184,9 @@ class EnginePipeline:
             else:
                 self._idle.set()
                 self._stop.wait(0.005)
+            if self.windows.due():
+                self.close_window()
+                dirty = True
             if dirty and time.monotonic() >= next_publish:
                 self._publish()
                 dirty = False
@@ -224,22 +246,62 @@ class EnginePipeline:
         except Exception as error:
             self._failed("predict", error)
             return
+        prefill_scale, decode_scale, _ = self.calibrator.factors
         try:
             prefill_j, decode_j = split_step_energy(prediction, shape)
-            self.ledger.add_step(shape, prefill_j, decode_j)
+            self.ledger.add_step(shape, prefill_j, decode_j, prefill_scale, decode_scale)
         except Exception as error:
             self._failed("attribute", error)
             return
+        self.windows.add_step(prediction.prefill_energy_j, prediction.decode_energy_j, shape.wall_seconds)
         try:
-            for phase, energy_j, seconds in (
-                ("prefill", prediction.prefill_energy_j, prediction.prefill_seconds),
-                ("decode", prediction.decode_energy_j, prediction.decode_seconds),
+            for phase, energy_j, seconds, scale in (
+                ("prefill", prediction.prefill_energy_j, prediction.prefill_seconds, prefill_scale),
+                ("decode", prediction.decode_energy_j, prediction.decode_seconds, decode_scale),
             ):
-                m.labels(m.energy, phase=phase, source="predicted").inc(energy_j)
                 m.labels(m.predicted_seconds, phase=phase).inc(seconds)
-                m.labels(m.carbon, phase=phase, source="predicted").inc(self._grams(energy_j))
+                self._add_energy(phase, "predicted", energy_j)
+                self._add_energy(phase, "calibrated", energy_j * scale)
         except Exception as error:
             self._failed("export", error)
+
+    def _add_energy(self, phase: str, source: str, energy_j: float) -> None:
+        m = self.metrics
+        m.labels(m.energy, phase=phase, source=source).inc(energy_j)
+        m.labels(m.carbon, phase=phase, source=source).inc(self._grams(energy_j))
+
+    def close_window(self) -> None:
+        """Compare a window's predictions with the meter, learn, export idle and measured energy."""
+        try:
+            result = self.windows.close()
+        except Exception as error:
+            self._failed("calibrate", error)
+            return
+        try:
+            self._add_energy("idle", "predicted", result.predicted_idle_j)
+            self._add_energy("idle", "calibrated", result.calibrated_idle_j)
+            if result.measured_split_j is not None:
+                for phase, energy_j in zip(ENERGY_PHASES, result.measured_split_j):
+                    self._add_energy(phase, "measured", energy_j)
+            self._publish_calibration()
+        except Exception as error:
+            self._failed("export", error)
+        if self.settings.calibration_file and result.learned:
+            try:
+                self.calibrator.save(self.settings.calibration_file)
+            except Exception as error:
+                self._failed("calibrate", error)
+
+    def _publish_calibration(self) -> None:
+        m = self.metrics
+        prefill_scale, decode_scale, idle_watts = self.calibrator.factors
+        m.labels(m.calibration_scale, phase="prefill").set(prefill_scale)
+        m.labels(m.calibration_scale, phase="decode").set(decode_scale)
+        m.labels(m.calibration_idle_watts).set(idle_watts)
+        m.labels(m.calibration_windows).set(self.calibrator.windows)
+        raw, calibrated = self.calibrator.rolling_error()
+        m.labels(m.prediction_error, correction="raw").set(raw)
+        m.labels(m.prediction_error, correction="calibrated").set(calibrated)
 
     def _grams(self, energy_j: float) -> float:
         return float(operational_grams_co2e(energy_j, self.intensity, self.settings.pue))

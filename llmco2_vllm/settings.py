@@ -36,6 +36,10 @@ class Settings:
     flush_interval_seconds: float = 0.5  # how often the engine publishes metrics to the API server
     max_tracked_requests: int = 100_000  # running requests kept in the attribution ledger
     request_log: str = ""  # JSON-lines file: one record per finished request (audits); empty = off
+    measure_energy: bool = True  # read the GPUs' energy counters through NVML when a GPU is present
+    calibration_file: str = ""  # where the online calibration is kept across restarts; empty = not kept
+    calibration_window_seconds: float = 5.0  # measured energy is compared with predictions over windows this long
+    calibration_forgetting: float = 0.98  # weight of the previous window in the online fit (~50-window memory)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -108,6 +112,28 @@ class Settings:
                 raise SettingsError(
                     f"LLMCO2_REQUEST_LOG={self.request_log!r}: directory {parent!r} does not exist or is not writable."
                 )
+        if not (0.5 <= self.calibration_window_seconds <= 3600):
+            raise SettingsError(
+                f"LLMCO2_CALIBRATION_WINDOW_SECONDS={self.calibration_window_seconds}: use 0.5 to 3600 seconds "
+                "(NVML energy counters update every few tens of milliseconds; default 5)."
+            )
+        if not (0.5 <= self.calibration_forgetting <= 1.0):
+            raise SettingsError(
+                f"LLMCO2_CALIBRATION_FORGETTING={self.calibration_forgetting}: use 0.5 to 1.0 "
+                "(1.0 never forgets; default 0.98 remembers ~50 windows)."
+            )
+        if self.calibration_file:
+            from .calibration import CalibrationFileError, OnlineCalibrator
+
+            parent = os.path.dirname(os.path.abspath(self.calibration_file))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise SettingsError(
+                    f"LLMCO2_CALIBRATION_FILE={self.calibration_file!r}: directory {parent!r} does not exist or is not writable."
+                )
+            try:
+                OnlineCalibrator.load(self.calibration_file)
+            except CalibrationFileError as error:
+                raise SettingsError(f"LLMCO2_CALIBRATION_FILE: {error}") from None
         if self.predictor != "analytic" and ":" not in self.predictor:
             raise SettingsError(
                 f"LLMCO2_PREDICTOR={self.predictor!r}: use 'analytic' or an import path 'package.module:Class'."

@@ -165,7 +165,28 @@ def build_engine_pipeline(vllm_config: Any):
     engine = str(getattr(parallel, "data_parallel_rank", 0) or 0)
     run_dir = os.environ.get(RUN_DIR_VARIABLE)
     snapshot = Path(run_dir) / f"engine-{engine}.prom" if run_dir and not multiprocess_mode() else None
-    pipeline = EnginePipeline(settings, predictor, hardware, intensity, str(model_name), engine, snapshot)
+    meter = None
+    if settings.measure_energy:
+        from .energy_meter import EnergyMeter
+
+        # This engine's GPUs: its TP x PP ranks, offset by its local data-parallel rank.
+        world = tensor_parallel * pipeline_parallel
+        local_rank = int(getattr(parallel, "data_parallel_rank_local", 0) or 0)
+        meter = EnergyMeter(gpu_indices=list(range(local_rank * world, (local_rank + 1) * world)))
+        if not meter.available:
+            logger.info("llmco2: GPU energy not measured (%s); predictions only", meter.reason)
+    calibrator = None
+    if settings.calibration_file:
+        from .calibration import OnlineCalibrator
+
+        calibrator = OnlineCalibrator.load(
+            settings.calibration_file,
+            forgetting=settings.calibration_forgetting,
+            prior_idle_watts=hardware.num_gpus * gpu.idle_watts_or_default(),
+        )
+    pipeline = EnginePipeline(
+        settings, predictor, hardware, intensity, str(model_name), engine, snapshot, meter=meter, calibrator=calibrator
+    )
     pipeline.start()
     _pipelines.append(pipeline)
     logger.info(

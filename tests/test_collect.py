@@ -126,6 +126,34 @@ def test_cached_decode_and_chunked_prefill_match_full_recompute(description: str
     assert full.shape == (3, model.description.vocab_size)
 
 
+def test_masked_fold_equals_fused_causal_prefill(tiny_llama: ModelDescription) -> None:
+    model = build_reference_model(tiny_llama, 2, "cpu", seed=4)
+    ids = torch.randint(0, tiny_llama.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        (fused,), _ = _logits(model, ids, [9])
+        model.fused_causal_gqa = False
+        (folded,), _ = _logits(model, ids, [9])
+    torch.testing.assert_close(folded, fused, atol=1e-4, rtol=0)
+
+
+def test_no_kernel_for_causal_gqa_falls_back_to_the_masked_fold(tiny_llama, monkeypatch) -> None:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def no_causal_kernel(*args, **kwargs):
+        if kwargs.get("is_causal"):
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_causal_kernel)
+    stderr = io.StringIO()
+    config = CollectConfig(model=tiny_llama, shapes=(SweepShape("prefill", 1, 8, 0), SweepShape("decode", 1, 0, 8)),
+                           device="cpu", min_window_seconds=0.0, warmup_seconds=0.0, idle_seconds=0.0)
+    rows = collect(config, collect_module.NoEnergyMeter(), stream=stderr)
+    assert [row["attention_call"] for row in rows] == [
+        "sdpa grouped-query fold + lower-right mask", "sdpa grouped-query fold"]
+    assert "from now on" in stderr.getvalue()
+
+
 def test_moe_layer_matches_per_token_routing(tiny_moe: ModelDescription) -> None:
     model = build_reference_model(tiny_moe, 2, "cpu", seed=2)
     moe = model.layers[-1].mlp
@@ -202,7 +230,8 @@ def test_scripted_energy_is_scaled_per_layer_with_the_head_measured_apart(tiny_l
         if row["measured_seconds_per_step"] >= row["head_seconds_per_step"]:
             assert row["seconds_per_step"] == pytest.approx(expected_seconds)
         assert row["window_seconds"] == 0.5  # the meter's window length
-        assert row["complete"] is (head <= measured)
+        seconds_clamped = row["measured_seconds_per_step"] < row["head_seconds_per_step"]
+        assert row["complete"] is (head <= measured and not seconds_clamped)
 
 
 def test_all_layers_measured_needs_no_head_window(tiny_llama: ModelDescription) -> None:

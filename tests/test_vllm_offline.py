@@ -89,13 +89,17 @@ def test_per_request_records(offline_run):
 
 def test_attributed_energy_sums_to_step_energy(offline_run):
     samples, pipeline = offline_run["samples"], offline_run["pipeline"]
-    step_energy = metric_sum(samples, "llmco2_energy_joules_total", source="predicted")
+    step_energy = sum(
+        metric_sum(samples, "llmco2_energy_joules_total", source="predicted", phase=phase) for phase in ("prefill", "decode")
+    )
     request_energy = sum(f.energy.energy_j for f in pipeline.finished)
     assert step_energy > 0
     assert request_energy == pytest.approx(step_energy, rel=1e-3)
     histogram_sum = metric_sum(samples, "llmco2_request_energy_joules_sum")
     assert histogram_sum == pytest.approx(step_energy, rel=1e-3)
-    carbon = metric_sum(samples, "llmco2_carbon_grams_total")
+    carbon = sum(
+        metric_sum(samples, "llmco2_carbon_grams_total", source="predicted", phase=phase) for phase in ("prefill", "decode")
+    )
     assert carbon == pytest.approx(metric_sum(samples, "llmco2_request_carbon_grams_sum"), rel=1e-3)
 
 
@@ -109,3 +113,18 @@ def test_target_hardware_is_labelled(offline_run):
     assert labels["predictor"] == "analytic"
     assert metric_sum(samples, "llmco2_plugin_errors_total") == 0
     assert metric_sum(samples, "llmco2_dropped_steps_total") == 0
+
+
+def test_calibration_path_without_gpu(offline_run):
+    """On a CPU host the measured path is absent, the calibrated path equals the prediction."""
+    samples, pipeline = offline_run["samples"], offline_run["pipeline"]
+    assert metric_sum(samples, "llmco2_energy_measurement_available") == 0
+    assert not any(dict(labels).get("source") == "measured" for _, labels in samples)
+    for phase in ("prefill", "decode"):
+        predicted = metric_sum(samples, "llmco2_energy_joules_total", source="predicted", phase=phase)
+        calibrated = metric_sum(samples, "llmco2_energy_joules_total", source="calibrated", phase=phase)
+        assert calibrated == pytest.approx(predicted, rel=1e-9)
+        assert metric_sum(samples, "llmco2_calibration_scale", phase=phase) == 1.0
+    assert metric_sum(samples, "llmco2_calibration_windows") == 0
+    for record in pipeline.finished:
+        assert record.energy.calibrated_energy_j == pytest.approx(record.energy.energy_j)

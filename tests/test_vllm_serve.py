@@ -55,7 +55,9 @@ def assert_reconciles(samples: dict, requests: int) -> None:
     assert cached == metric_sum(samples, "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
     assert prefill + cached == metric_sum(samples, "vllm:prompt_tokens_total")
     assert decode + requests == metric_sum(samples, "vllm:generation_tokens_total")
-    energy = metric_sum(samples, "llmco2_energy_joules_total", source="predicted")
+    energy = sum(
+        metric_sum(samples, "llmco2_energy_joules_total", source="predicted", phase=phase) for phase in ("prefill", "decode")
+    )
     assert energy > 0
     assert metric_sum(samples, "llmco2_request_energy_joules_sum") == pytest.approx(energy, rel=1e-3)
     assert metric_sum(samples, "llmco2_request_energy_joules_count") == requests
@@ -93,6 +95,11 @@ def test_metrics_parse_and_are_labelled(served):
         "llmco2_dropped_steps_total",
         "llmco2_grid_intensity_grams_per_kwh",
         "llmco2_pue",
+        "llmco2_energy_measurement_available",
+        "llmco2_calibration_scale",
+        "llmco2_calibration_idle_watts",
+        "llmco2_calibration_windows",
+        "llmco2_prediction_error_ratio",
     ):
         assert expected in names, expected
     for (name, labels) in samples:

@@ -1,0 +1,121 @@
+"""The engine pipeline's measured path with a scripted meter: windows, online calibration,
+measured and calibrated counters, and calibration kept across a restart.
+
+The meter reports 1.3 x the predicted busy energy plus 100 W of idle power, so after learning
+the calibrated energy must match the measured one and the scales must approach 1.3.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import generate_latest
+
+from conftest import metric_sum, parse_metrics
+from llmco2_vllm.calibration import OnlineCalibrator
+from llmco2_vllm.carbon import lookup_region
+from llmco2_vllm.hardware import Hardware, find_gpu
+from llmco2_vllm.model_description import load_model
+from llmco2_vllm.pipeline import EnginePipeline
+from llmco2_vllm.predictor import AnalyticPredictor
+from llmco2_vllm.settings import Settings
+
+TRUE_SCALE = 1.3
+IDLE_WATTS = 100.0
+
+
+class ScriptedMeter:
+    available = True
+    reason = ""
+
+    def __init__(self) -> None:
+        self.energy_j = 0.0
+
+    def total_energy_j(self) -> float:
+        return self.energy_j
+
+
+def scheduler_output(step: int, batch: int = 4):
+    """A decode step of ``batch`` running requests, shaped like vLLM's SchedulerOutput."""
+    ids = [f"r{i}" for i in range(batch)]
+    context = [200 + 50 * i + step for i in range(batch)]
+    return SimpleNamespace(
+        scheduled_new_reqs=[],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=ids, num_computed_tokens=context, num_output_tokens=[step + 1] * batch),
+        num_scheduled_tokens={request_id: 1 for request_id in ids},
+        scheduled_spec_decode_tokens={},
+        finished_req_ids=set(),
+    )
+
+
+def make_pipeline(meter, calibration_file: str = "") -> EnginePipeline:
+    settings = Settings(calibration_file=calibration_file, calibration_window_seconds=0.5)
+    hardware = Hardware(find_gpu("H100"), 1, 1, "configured")
+    predictor = AnalyticPredictor(load_model("meta-llama/Llama-3.1-8B-Instruct"), hardware)
+    calibrator = None
+    if calibration_file:
+        calibrator = OnlineCalibrator.load(calibration_file, forgetting=0.98, prior_idle_watts=IDLE_WATTS)
+    return EnginePipeline(
+        settings, predictor, hardware, lookup_region("FR"), "llama", meter=meter, calibrator=calibrator
+    )
+
+
+def run_windows(pipeline: EnginePipeline, meter: ScriptedMeter, windows: int) -> None:
+    """Windows of varying load (1-7 steps) and idle time (1-9 ms), so busy and idle energy are separable."""
+    metrics = pipeline.metrics
+    busy = metrics.energy.labels(model_name="llama", engine="0", phase="decode", source="predicted")
+    step = 0
+    for window in range(windows):
+        started = time.monotonic()
+        for _ in range(1 + window % 7):
+            before = busy._value.get()
+            pipeline.recorder.record(scheduler_output(step), {}, time.perf_counter())
+            pipeline.process_pending()
+            meter.energy_j += TRUE_SCALE * (busy._value.get() - before)
+            step += 1
+        time.sleep(0.001 * (1 + window % 9))
+        # Idle time is the window not covered by steps; the meter sees idle power over it.
+        window_seconds = time.monotonic() - started
+        busy_seconds = pipeline.windows._busy_seconds
+        meter.energy_j += IDLE_WATTS * max(window_seconds - busy_seconds, 0.0)
+        pipeline.close_window()
+
+
+def test_calibration_learns_the_measured_factor(tmp_path):
+    meter = ScriptedMeter()
+    path = tmp_path / "calibration.json"
+    pipeline = make_pipeline(meter, str(path))
+    run_windows(pipeline, meter, windows=60)
+    samples = parse_metrics(generate_latest(pipeline.registry).decode())
+
+    assert metric_sum(samples, "llmco2_energy_measurement_available") == 1
+    measured = metric_sum(samples, "llmco2_energy_joules_total", source="measured")
+    assert measured == pytest.approx(meter.energy_j, rel=1e-6), "measured counters add up to the meter"
+    assert metric_sum(samples, "llmco2_calibration_windows") >= 55
+    assert metric_sum(samples, "llmco2_calibration_scale", phase="decode") == pytest.approx(TRUE_SCALE, rel=0.05)
+    raw_error = metric_sum(samples, "llmco2_prediction_error_ratio", correction="raw")
+    calibrated_error = metric_sum(samples, "llmco2_prediction_error_ratio", correction="calibrated")
+    assert raw_error > 0.1  # the uncorrected busy prediction is 1/1.3 of the truth
+    assert calibrated_error < 0.05
+    assert path.exists()
+
+    # A restart loads the learned calibration: corrections apply from the first step.
+    restarted = make_pipeline(ScriptedMeter(), str(path))
+    assert restarted.calibrator.factors[1] == pytest.approx(pipeline.calibrator.factors[1])
+    restarted_samples = parse_metrics(generate_latest(restarted.registry).decode())
+    assert metric_sum(restarted_samples, "llmco2_calibration_windows") == pipeline.calibrator.windows
+
+
+def test_without_meter_nothing_is_measured():
+    pipeline = make_pipeline(None)
+    pipeline.recorder.record(scheduler_output(0), {}, time.perf_counter())
+    pipeline.process_pending()
+    pipeline.close_window()
+    samples = parse_metrics(generate_latest(pipeline.registry).decode())
+    assert metric_sum(samples, "llmco2_energy_measurement_available") == 0
+    assert metric_sum(samples, "llmco2_energy_joules_total", source="measured") == 0
+    # Idle energy is reported separately, predicted from the prior idle power.
+    assert metric_sum(samples, "llmco2_energy_joules_total", phase="idle", source="predicted") >= 0
+    assert metric_sum(samples, "llmco2_calibration_windows") == 0
