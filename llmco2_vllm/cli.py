@@ -58,6 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default=None, help="output CSV for batch mode")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit a calibration of the predictor from measured batches",
+        description="Fits measured ~ a x predicted prefill + b x predicted decode (+ idle watts x idle_seconds) "
+        "over the rows of a measurement CSV (the columns of `predict --batch-file` plus measured_energy_j, "
+        "optionally idle_seconds), with the same robust code the plugin runs online. Apply the result with "
+        "`llmco2 predict ... --calibration CAL.json` or LLMCO2_CALIBRATION_FILE in the plugin.",
+    )
+    calibrate.add_argument("--measurements", required=True, help="CSV of measured batches")
+    calibrate.add_argument("--out", required=True, help="calibration file to write (JSON)")
+    calibrate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    collect = commands.add_parser(
+        "collect",
+        help="measure per-step time and energy on this machine's NVIDIA GPU (training/calibration data)",
+    )
+    from .collect import add_arguments as add_collect_arguments
+
+    add_collect_arguments(collect)
+
     for name, text in (("gpus", "list the GPU catalog"), ("regions", "list grid regions"), ("models", "list catalog models")):
         listing = commands.add_parser(name, help=text)
         listing.add_argument("--json", action="store_true", help="print JSON")
@@ -71,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
+        if args.command == "collect":
+            from .collect import run as run_collect
+
+            return run_collect(args)
         return _listing(args)
     except ValueError as error:  # every catalog/validation error of the package is a ValueError
         print(f"llmco2: error: {error}", file=sys.stderr)
@@ -110,6 +136,59 @@ def _predict(args: argparse.Namespace) -> int:
             shown = f"{value:.6g}" if isinstance(value, float) else value
             print(f"{key:<{width}}  {shown}")
     return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import csv
+
+    from .batch_predict import BatchPredictor
+    from .calibration import fit_offline
+
+    predictor = BatchPredictor()
+    windows: list[tuple[float, float, float, float]] = []
+    with open(args.measurements, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if "measured_energy_j" not in (reader.fieldnames or []):
+            raise ValueError(f"{args.measurements}: needs a measured_energy_j column (whole batch, joules)")
+        for number, row in enumerate(reader, start=2):
+            try:
+                predicted = predictor.predict(row)
+                measured = float(row["measured_energy_j"])
+                idle_seconds = float(row.get("idle_seconds") or 0.0)
+            except ValueError as error:
+                raise ValueError(f"{args.measurements}, line {number}: {error}") from None
+            windows.append((predicted["prefill_j"], predicted["decode_j"], idle_seconds, measured))
+    if not windows:
+        raise ValueError(f"{args.measurements}: no rows")
+    calibrator = fit_offline(windows)
+    calibrator.save(args.out)
+    prefill_scale, decode_scale, idle_watts = calibrator.factors
+    raw, corrected = _in_sample_errors(calibrator, windows)
+    result = {
+        "rows": len(windows),
+        "rows_learned": calibrator.windows,
+        "prefill_scale": prefill_scale,
+        "decode_scale": decode_scale,
+        "idle_watts": idle_watts,
+        "in_sample_mape_before": raw,
+        "in_sample_mape_after": corrected,
+        "out": args.out,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:<22}  {value:.4g}" if isinstance(value, float) else f"{key:<22}  {value}")
+    return 0
+
+
+def _in_sample_errors(calibrator, windows) -> tuple[float, float]:
+    """Mean absolute percentage error of the raw and calibrated predictions over the fitted rows."""
+    raw = corrected = 0.0
+    for prefill_j, decode_j, idle_seconds, measured_j in windows:
+        raw += abs(prefill_j + decode_j - measured_j) / measured_j
+        corrected += abs(sum(calibrator.correct(prefill_j, decode_j, idle_seconds)) - measured_j) / measured_j
+    return raw / len(windows), corrected / len(windows)
 
 
 def _listing(args: argparse.Namespace) -> int:

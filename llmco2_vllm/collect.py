@@ -79,7 +79,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "measured_seconds_per_step", "measured_energy_j_per_step",
     "head_steps", "head_seconds_per_step", "head_energy_j_per_step",
     # provenance
-    "dtype", "device", "attention_call", "driver_version", "cuda_version", "torch_version",
+    "dtype", "device", "attention_call", "energy_method", "driver_version", "cuda_version", "torch_version",
     "vllm_version", "gpu_clock_mhz", "memory_clock_mhz", "power_limit_w", "source", "measured_at",
 )
 
@@ -613,6 +613,7 @@ class WindowResult:
     complete: bool
     gpu_clock_mhz: int | None = None
     memory_clock_mhz: int | None = None
+    energy_method: str = ""  # the meter's per-GPU method(s): "counter" or "power_sampling"
 
     @property
     def seconds_per_step(self) -> float:
@@ -628,6 +629,18 @@ def _as_float(value: Any) -> float:
         return math.nan if value is None else float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _window_energy_j(meter: Meter, measurement: Any) -> float:
+    """A window's joules, NaN when the meter could not measure (an unavailable meter reports 0)."""
+    if not getattr(meter, "available", False):
+        return math.nan
+    return _as_float(getattr(measurement, "energy_j", None))
+
+
+def _energy_method(measurement: Any) -> str:
+    methods = sorted({str(getattr(gpu, "method", "")) for gpu in getattr(measurement, "gpus", ()) or ()} - {""})
+    return "+".join(methods)
 
 
 def measure_window(
@@ -652,15 +665,19 @@ def measure_window(
     meter.begin_window(name)
     start = time.perf_counter()
     steps, sampled = 0, None
-    while True:
-        step()
-        synchronize()
-        steps += 1
-        elapsed = time.perf_counter() - start
-        if sampled is None and elapsed >= min_window_seconds / 2:
-            sampled = clocks()
-        if steps >= min_steps and elapsed >= min_window_seconds:
-            break
+    try:
+        while True:
+            step()
+            synchronize()
+            steps += 1
+            elapsed = time.perf_counter() - start
+            if sampled is None and elapsed >= min_window_seconds / 2:
+                sampled = clocks()
+            if steps >= min_steps and elapsed >= min_window_seconds:
+                break
+    except BaseException:
+        meter.end_window(name)  # close the window so a retry can reuse its name
+        raise
     wall = time.perf_counter() - start
     measurement = meter.end_window(name)
     window = _as_float(getattr(measurement, "seconds", None))
@@ -669,10 +686,11 @@ def measure_window(
         steps=steps,
         wall_seconds=wall,
         window_seconds=window if math.isfinite(window) else wall,
-        energy_j=_as_float(getattr(measurement, "energy_j", None)),
+        energy_j=_window_energy_j(meter, measurement),
         complete=bool(getattr(measurement, "complete", False)) and bool(getattr(meter, "available", False)),
         gpu_clock_mhz=sm,
         memory_clock_mhz=mem,
+        energy_method=_energy_method(measurement),
     )
 
 
@@ -841,7 +859,7 @@ def collect(config: CollectConfig, meter: Meter, write_row: Callable[[dict[str, 
             time.sleep(config.idle_seconds)
             idle = meter.end_window("idle")
             idle_seconds = _as_float(getattr(idle, "seconds", None))
-            idle_watts = _as_float(getattr(idle, "energy_j", None)) / idle_seconds if idle_seconds > 0 else math.nan
+            idle_watts = _window_energy_j(meter, idle) / idle_seconds if idle_seconds > 0 else math.nan
 
         fixed = {
             "model": model_desc.name, "gpu": gpu_name, "num_gpus": 1, "tensor_parallel": 1,
@@ -921,6 +939,7 @@ def _measure_shape(reference: Any, shape: SweepShape, config: CollectConfig, met
         "head_seconds_per_step": head.seconds_per_step if head else None,
         "head_energy_j_per_step": head.energy_j_per_step if head else None,
         "attention_call": attention_call(shape, reference.fused_causal_gqa),
+        "energy_method": step.energy_method,
         "gpu_clock_mhz": step.gpu_clock_mhz, "memory_clock_mhz": step.memory_clock_mhz,
     }
 
@@ -1051,11 +1070,16 @@ def run(args: argparse.Namespace, meter: Meter | None = None, stream: TextIO | N
     except ValueError as error:
         print(f"llmco2 collect: error: {error}", file=stream or sys.stderr)
         return 2
+    own_meter = meter is None
+    active_meter = make_meter(config, args.dry_run, stream) if meter is None else meter
     writer = CsvRowWriter(args.out)
     try:
-        rows = collect(config, meter or make_meter(config, args.dry_run, stream), writer.write, stream)
+        rows = collect(config, active_meter, writer.write, stream)
     finally:
         writer.close()
+        close = getattr(active_meter, "close", None)
+        if own_meter and callable(close):
+            close()  # stops the EnergyMeter's sampler thread and releases NVML
     _progress(stream, f"wrote {len(rows)} rows to {args.out}")
     return 0
 

@@ -52,3 +52,60 @@ def test_catalog_listings():
     regions = run("regions").stdout
     assert "FR" in regions and "CAMX" in regions
     assert "meta-llama/Llama-3.1-8B-Instruct" in run("models").stdout
+
+
+def test_calibrate_then_predict_with_calibration(tmp_path):
+    """Measurements 1.3x the prediction: the calibration learns it and `predict --calibration` applies it."""
+    import csv
+
+    batches = tmp_path / "batches.csv"
+    rows = [
+        {"model": "Llama-3.1-8B-Instruct", "gpu": "H100", "num_gpus": 1, "tensor_parallel": 1, "batch_size": b,
+         "prompt_tokens": p, "output_tokens": o}
+        for b, p, o in [(1, 100, 50), (4, 800, 200), (16, 300, 300), (64, 1500, 100), (8, 50, 700), (2, 3000, 20)]
+    ]  # fmt: skip
+    with open(batches, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    predicted = tmp_path / "predicted.csv"
+    assert run("predict", "--batch-file", str(batches), "--out", str(predicted)).returncode == 0
+    measurements = tmp_path / "measured.csv"
+    with open(predicted, newline="") as handle, open(measurements, "w", newline="") as out:
+        reader = csv.DictReader(handle)
+        writer = csv.DictWriter(out, fieldnames=[*rows[0], "measured_energy_j"], extrasaction="ignore")
+        writer.writeheader()
+        for row in reader:
+            writer.writerow({**row, "measured_energy_j": 1.3 * float(row["energy_j"])})
+    calibration = tmp_path / "cal.json"
+    result = run("calibrate", "--measurements", str(measurements), "--out", str(calibration), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["in_sample_mape_after"] < 0.05 < summary["in_sample_mape_before"]
+    args = ["predict", "--model", "Llama-3.1-8B-Instruct", "--gpu", "H100", "--batch-size", "4", "--prompt-tokens",
+            "800", "--output-tokens", "200", "--json"]  # fmt: skip
+    plain = json.loads(run(*args).stdout)
+    calibrated = json.loads(run(*args, "--calibration", str(calibration)).stdout)
+    assert calibrated["energy_j"] == pytest.approx(1.3 * plain["energy_j"], rel=0.05)
+    assert calibrated["predictor"] == "analytic+calibration"
+
+
+def test_batch_mode_keeps_going_on_bad_rows(tmp_path):
+    batches = tmp_path / "in.csv"
+    batches.write_text(
+        "model,gpu,num_gpus,tensor_parallel,batch_size,prompt_tokens,output_tokens,region\n"
+        "Llama-3.1-8B-Instruct,H100,1,1,8,512,128,FR\n"
+        "Llama-3.1-8B-Instruct,H900,1,1,8,512,128,\n"
+        "Llama-3.1-8B-Instruct,H100,1,1,-3,512,128,\n"
+        "meta-llama/Llama-3.1-70B-Instruct,A100-SXM4-80GB,4,4,8,512,128,\n"
+    )
+    out = tmp_path / "out.csv"
+    result = run("predict", "--batch-file", str(batches), "--out", str(out))
+    assert result.returncode == 2  # two rows failed
+    import csv
+
+    rows = list(csv.DictReader(open(out)))
+    assert [bool(r["error"]) for r in rows] == [False, True, True, False]
+    assert "H900" in rows[1]["error"] and "batch_size" in rows[2]["error"]
+    assert float(rows[0]["carbon_g"]) > 0 and rows[3]["carbon_g"] == ""
+    assert float(rows[0]["energy_j"]) == pytest.approx(float(rows[0]["prefill_j"]) + float(rows[0]["decode_j"]), rel=1e-4)

@@ -144,11 +144,17 @@ def test_no_kernel_for_causal_gqa_falls_back_to_the_masked_fold(tiny_llama, monk
             raise RuntimeError("No available kernel. Aborting execution.")
         return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_causal_kernel)
+    class FailsInsideTheWindow(ScriptedMeter):
+        def begin_window(self, name: str) -> None:
+            super().begin_window(name)
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_causal_kernel)
+
     stderr = io.StringIO()
     config = CollectConfig(model=tiny_llama, shapes=(SweepShape("prefill", 1, 8, 0), SweepShape("decode", 1, 0, 8)),
                            device="cpu", min_window_seconds=0.0, warmup_seconds=0.0, idle_seconds=0.0)
-    rows = collect(config, collect_module.NoEnergyMeter(), stream=stderr)
+    meter = FailsInsideTheWindow()  # the first failure comes after the window opened: it must be closed
+    rows = collect(config, meter, stream=stderr)
+    assert not meter.open and meter.closed.count("prefill-b1-p8-c0") == 2
     assert [row["attention_call"] for row in rows] == [
         "sdpa grouped-query fold + lower-right mask", "sdpa grouped-query fold"]
     assert "from now on" in stderr.getvalue()
@@ -175,10 +181,18 @@ def test_moe_layer_matches_per_token_routing(tiny_moe: ModelDescription) -> None
 
 
 @dataclass(frozen=True)
+class FakeReading:
+    index: int = 0
+    name: str = "NVIDIA H100 80GB HBM3"
+    energy_j: float = 0.0
+    method: str = "counter"
+
+
+@dataclass(frozen=True)
 class FakeMeasurement:
     seconds: float
     energy_j: float
-    gpus: tuple[int, ...] = (0,)
+    gpus: tuple[FakeReading, ...] = (FakeReading(),)
     complete: bool = True
 
 
@@ -230,6 +244,7 @@ def test_scripted_energy_is_scaled_per_layer_with_the_head_measured_apart(tiny_l
         if row["measured_seconds_per_step"] >= row["head_seconds_per_step"]:
             assert row["seconds_per_step"] == pytest.approx(expected_seconds)
         assert row["window_seconds"] == 0.5  # the meter's window length
+        assert row["energy_method"] == "counter"
         seconds_clamped = row["measured_seconds_per_step"] < row["head_seconds_per_step"]
         assert row["complete"] is (head <= measured and not seconds_clamped)
 
@@ -241,6 +256,21 @@ def test_all_layers_measured_needs_no_head_window(tiny_llama: ModelDescription) 
         assert row["energy_j_per_step"] == pytest.approx(10.0 / row["steps"])
         assert row["seconds_per_step"] == row["measured_seconds_per_step"]
         assert row["head_steps"] is None and row["complete"] is True
+
+
+def test_unavailable_meter_reports_no_energy_rather_than_zero(tiny_llama: ModelDescription) -> None:
+    class UnavailableMeter(ScriptedMeter):  # like EnergyMeter without NVML: 0 J, complete=False
+        available = False
+
+        def end_window(self, name: str) -> FakeMeasurement:
+            super().end_window(name)
+            return FakeMeasurement(seconds=0.5, energy_j=0.0, gpus=(), complete=False)
+
+    config = CollectConfig(model=tiny_llama, shapes=(SweepShape("decode", 1, 0, 8),), device="cpu",
+                           min_window_seconds=0.0, warmup_seconds=0.0, idle_seconds=0.01)
+    (row,) = collect(config, UnavailableMeter(), stream=io.StringIO())
+    assert math.isnan(row["energy_j_per_step"]) and math.isnan(row["idle_watts"])
+    assert row["complete"] is False and row["energy_method"] == ""
 
 
 def test_scale_to_full_model_rule() -> None:
