@@ -153,6 +153,16 @@ def windows_to_target(series: np.ndarray, start: int, end: int) -> int:
     return last if last < end - start else end - start + 1
 
 
+def first_below_target(series: np.ndarray, start: int, end: int) -> int:
+    """Windows after ``start`` until ``series`` first drops below target once the phase has
+    pushed it above (a step's first windows are held, so the series lags the step by a few)."""
+    above = np.nonzero(~(series[start:end] < TARGET_ERROR))[0]
+    if len(above) == 0:
+        return 0
+    below = np.nonzero(series[start + above[0] : end] < TARGET_ERROR)[0]
+    return int(above[0] + below[0]) if len(below) else end - start
+
+
 def main() -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     traces = [simulate(seed) for seed in SEEDS]
@@ -165,7 +175,11 @@ def main() -> None:
             counts = np.array([windows_to_target(series_of(i), start, end) for i in SEEDS])
             never = int(np.sum(counts > end - start))
             worst = "never" if never else str(int(counts.max()))
-            rows.append(f"| {name} | {int(np.median(counts))} | {worst} | {never}/{len(SEEDS)} |")
+            first = np.array([first_below_target(series_of(i), start, end) for i in SEEDS])
+            rows.append(
+                f"| {name} | {int(np.median(counts))} | {worst} | {never}/{len(SEEDS)} |"
+                f" {int(np.median(first))} | {int(first.max())} |"
+            )
         return rows
 
     spec_rows = table_rows(lambda i: traces[i].rolling_corrected)
@@ -181,6 +195,13 @@ def main() -> None:
     raw_post = np.array([t.rolling_raw[-1] for t in traces])
     corr_pre = np.array([t.rolling_corrected[pre_end] for t in traces])
     corr_post = np.array([t.rolling_corrected[-1] for t in traces])
+    own_raw_pre = np.array([o[0][pre_end] for o in own])
+    own_raw_post = np.array([o[0][-1] for o in own])
+    own_corr_pre = np.array([o[1][pre_end] for o in own])
+    own_corr_post = np.array([o[1][-1] for o in own])
+
+    def spread(values: np.ndarray) -> str:
+        return f"{np.median(values):.1%} ({values.min():.1%}–{values.max():.1%})"
     rejected = np.array([t.rejected for t in traces])
 
     def factor_row(label: str, values: np.ndarray, truth: np.ndarray) -> str:
@@ -203,38 +224,48 @@ def main() -> None:
         "",
         "## Windows until the error falls below 5% and stays there",
         "",
-        "Counted from the start of each phase; 'stays' means until the end of the phase.",
+        "Counted from the start of each phase; 'stays' means until the end of the phase, 'first"
+        " below' is the first window under 5%. With 5% Gaussian noise a 50-window MAPE vs the"
+        " measurement sits at ~4.0 ± 0.4% even for a perfect calibration, so 'stays' on those"
+        " series measures noise flicker across the 5% line as much as learning; the model-error"
+        " table is the clean measure of adaptation speed.",
         "",
         "**Rolling 50-window MAPE, corrected (one-step-ahead) prediction vs measured, every window**"
         " (glitches included; 5% noise alone gives ~4%):",
         "",
-        "| phase | median | worst | never settled |",
-        "|---|---|---|---|",
+        "| phase | stays: median | stays: worst | never settled | first below: median |"
+        " first below: worst |",
+        "|---|---|---|---|---|---|",
         *spec_rows,
         "",
         "**The calibrator's own `rolling_error()`** (50 windows; rejected glitches left out):",
         "",
-        "| phase | median | worst | never settled |",
-        "|---|---|---|---|",
+        "| phase | stays: median | stays: worst | never settled | first below: median |"
+        " first below: worst |",
+        "|---|---|---|---|---|---|",
         *own_rows,
         "",
         "**Model error**: rolling 10-window error of the corrected prediction vs the noise-free"
         " true energy (how fast the calibration itself is right):",
         "",
-        "| phase | median | worst | never settled |",
-        "|---|---|---|---|",
+        "| phase | stays: median | stays: worst | never settled | first below: median |"
+        " first below: worst |",
+        "|---|---|---|---|---|---|",
         *model_rows,
         "",
-        "## Errors at the end of each phase (rolling 50-window MAPE vs measured, all windows)",
+        "## Errors at the end of each phase",
         "",
-        "| phase | raw prediction median (range) | corrected median (range) |",
-        "|---|---|---|",
-        f"| before step (window {pre_end}) | {np.median(raw_pre):.1%} "
-        f"({raw_pre.min():.1%}–{raw_pre.max():.1%}) | {np.median(corr_pre):.1%} "
-        f"({corr_pre.min():.1%}–{corr_pre.max():.1%}) |",
-        f"| after step (window {N_WINDOWS - 1}) | {np.median(raw_post):.1%} "
-        f"({raw_post.min():.1%}–{raw_post.max():.1%}) | {np.median(corr_post):.1%} "
-        f"({corr_post.min():.1%}–{corr_post.max():.1%}) |",
+        "Rolling 50-window MAPE vs measured, median (range) over seeds; raw = P + D + prior idle"
+        " W × I, corrected = one step ahead. 'rolling_error()' leaves rejected glitches out;"
+        " 'all windows' keeps them (each ×3 glitch alone adds ~4% to a 50-window mean).",
+        "",
+        "| phase | raw, rolling_error() | corrected, rolling_error() | raw, all windows |"
+        " corrected, all windows |",
+        "|---|---|---|---|---|",
+        f"| before step (window {pre_end}) | {spread(own_raw_pre)} | {spread(own_corr_pre)} |"
+        f" {spread(raw_pre)} | {spread(corr_pre)} |",
+        f"| after step (window {N_WINDOWS - 1}) | {spread(own_raw_post)} |"
+        f" {spread(own_corr_post)} | {spread(raw_post)} | {spread(corr_post)} |",
         "",
         "## Final factors vs truth (median, range over seeds)",
         "",
@@ -248,8 +279,8 @@ def main() -> None:
         "injected per run).",
         "",
         "The idle power is weakly identified: idle is only ~1–4% of a window's energy, so with 5%"
-        " noise the idle coefficient stays near its prior and wanders by ~±100 W; its effect on"
-        " the total is under 1%.",
+        " noise and ~50 windows of memory the idle coefficient wanders by ~±200 W around the truth;"
+        " its effect on the total is about 1%.",
         "",
     ]
     report = RESULTS_DIR / "recalibration.md"

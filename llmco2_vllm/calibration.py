@@ -16,10 +16,12 @@ Choices, and why:
   window then weighs about "one unit of information" whatever its length. Prior strengths and
   the robust scale are expressed in those units.
 * The estimate is regularised towards the prior (a=b=1, c=prior idle watts) with a strength of
-  ``prior_strength`` windows that is *re-added* every update (``R ← λR + (1-λ)R0 + w·x·xᵀ``).
-  The information matrix therefore never drops below ``R0``: the covariance stays bounded (no
-  wind-up with forgetting), the first few windows cannot produce wild values, and directions the
-  data do not excite (prefill and decode collinear) stay at the prior instead of diverging.
+  ``prior_strength`` windows. Like plain RLS the prior is forgotten as data arrive, but only down
+  to a floor ``F`` that is re-added every update (``R ← λR + (1-λ)F + w·x·xᵀ``), so the
+  information matrix never drops below ``F``: the covariance stays bounded (no wind-up with
+  forgetting), the first few windows cannot produce wild values, and directions the data do not
+  excite (prefill and decode collinear) stay anchored instead of diverging. A full-strength
+  constant prior would instead shrink weakly excited directions (a - b) towards a = b.
 * The prior correlates a and b (ρ = 0.5), because most miscalibration (clocks, kernels, software
   versions) scales both phases together: when P and D are collinear the update moves both scales
   together rather than loading the whole correction onto one phase.
@@ -27,8 +29,10 @@ Choices, and why:
   residuals) and the predictive spread; a Huber weight shrinks the gain of large residuals, and
   once ``MIN_WINDOWS_BEFORE_REJECTING`` windows are learnt, residuals beyond
   ``outlier_threshold`` sigmas are rejected (counter glitches, clock changes mid-window).
-* A real step change also looks like a run of outliers. ``REGIME_CHANGE_WINDOWS`` consecutive
-  rejections of the same sign are taken as a regime change: the data information is dropped
+* A real step change also looks like a run of outliers (rejected, or learnt with a tiny Huber
+  weight against ~50 windows of history: either way adaptation would crawl).
+  ``REGIME_CHANGE_WINDOWS`` consecutive windows beyond ``SUSPECT_SIGMAS`` with the same sign are
+  taken as a regime change: the data information is dropped
   (back to the prior) and the held windows are replayed, so the calibrator re-learns within a
   handful of windows instead of rejecting the new regime forever.
 * Coefficients stay physical: scales clipped to [0.05, 20], idle watts >= 0.
@@ -63,9 +67,11 @@ SCALE_MAX: float = 20.0
 # Outliers are only rejected after this many windows: before that the robust scale has too few
 # residuals, and the large early residuals are the bias we are here to learn.
 MIN_WINDOWS_BEFORE_REJECTING: int = 10
-# Consecutive same-sign rejections read as a regime change; random glitches (a few % of windows,
+# Consecutive same-sign suspect windows (standardised residual beyond SUSPECT_SIGMAS) read as a
+# regime change; noise (p ~ 0.001 per window at 3 sigma) and random glitches (a few % of windows,
 # either sign) almost never line up five in a row.
 REGIME_CHANGE_WINDOWS: int = 5
+SUSPECT_SIGMAS: float = 3.0
 # Huber tuning constant (standardised residual beyond which the gain shrinks as 1/|r|).
 HUBER_K: float = 2.0
 # Prior correlation of prefill and decode scales (see module docstring).
@@ -111,16 +117,17 @@ class CalibrationState:
     forgetting: float
     version: int = STATE_VERSION
     prior_idle_watts: float = 0.0
-    prior_strength: float = 1.0
+    prior_strength: float = 0.3
     outlier_threshold: float = 5.0
     error_window: int = 50
     windows_since_reset: int = 0
     rejected_windows: int = 0
-    consecutive_rejections: int = 0  # signed: +n = n high outliers in a row, -n = n low ones
+    suspect_streak: int = 0  # signed: +n = n high suspect windows in a row, -n = n low ones
     residuals: list[float] = field(default_factory=list)  # recent relative residuals
     errors_raw: list[float] = field(default_factory=list)  # APE of P+D+prior_idle·I vs M
     errors_corrected: list[float] = field(default_factory=list)  # APE, one step ahead
-    # Rejected windows held until a regime change is confirmed: [P, D, I, M, ape_raw, ape_corr].
+    # The current suspect streak, replayed if it turns out to be a regime change:
+    # [P, D, I, M, ape_raw, ape_corr, rejected (1.0) or learnt (0.0)].
     pending: list[list[float]] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -154,7 +161,7 @@ class CalibrationState:
         for name in ("residuals", "errors_raw", "errors_corrected"):
             _finite_array(getattr(state, name), None, name)
         if state.pending:
-            _finite_array(state.pending, (len(state.pending), 6), "pending")
+            _finite_array(state.pending, (len(state.pending), 7), "pending")
         state.coefficients = [float(v) for v in coefficients]
         state.covariance = covariance.tolist()
         return state
@@ -179,7 +186,7 @@ class OnlineCalibrator:
         self,
         forgetting: float = 0.98,
         prior_idle_watts: float = 0.0,
-        prior_strength: float = 1.0,
+        prior_strength: float = 0.3,
         outlier_threshold: float = 5.0,
         error_window: int = 50,
     ) -> None:
@@ -210,7 +217,7 @@ class OnlineCalibrator:
         self._windows = 0
         self._windows_since_reset = 0
         self._rejected = 0
-        self._consecutive = 0
+        self._streak = 0
         self._residuals: deque[float] = deque(maxlen=self._error_window)
         self._errors_raw: deque[float] = deque(maxlen=self._error_window)
         self._errors_corrected: deque[float] = deque(maxlen=self._error_window)
@@ -272,16 +279,25 @@ class OnlineCalibrator:
         standardised = residual / (sigma * spread)
         self._residuals.append(residual)
 
-        if (
+        reject = (
             self._windows_since_reset >= MIN_WINDOWS_BEFORE_REJECTING
             and abs(standardised) > self._outlier_threshold
-        ):
-            return self._reject(residual, [p, d, i, m, ape_raw, ape_corrected])
-
-        self._consecutive = 0
-        self._pending.clear()
+        )
+        if abs(standardised) > SUSPECT_SIGMAS:
+            self._track_suspect(residual, [p, d, i, m, ape_raw, ape_corrected, float(reject)])
+            if abs(self._streak) >= REGIME_CHANGE_WINDOWS:
+                self._regime_change()
+                return True
+        else:
+            self._streak = 0
+            self._pending.clear()
+        if reject:
+            self._rejected += 1
+            return False
         weight = 1.0 if abs(standardised) <= HUBER_K else HUBER_K / abs(standardised)
         self._learn(x, y, weight)
+        self._windows += 1
+        self._windows_since_reset += 1
         self._errors_raw.append(ape_raw)
         self._errors_corrected.append(ape_corrected)
         return True
@@ -310,7 +326,7 @@ class OnlineCalibrator:
             error_window=self._error_window,
             windows_since_reset=self._windows_since_reset,
             rejected_windows=self._rejected,
-            consecutive_rejections=self._consecutive,
+            suspect_streak=self._streak,
             residuals=list(self._residuals),
             errors_raw=list(self._errors_raw),
             errors_corrected=list(self._errors_corrected),
@@ -331,7 +347,7 @@ class OnlineCalibrator:
         calibrator._windows = state.windows
         calibrator._windows_since_reset = state.windows_since_reset
         calibrator._rejected = state.rejected_windows
-        calibrator._consecutive = state.consecutive_rejections
+        calibrator._streak = state.suspect_streak
         calibrator._residuals.extend(state.residuals)
         calibrator._errors_raw.extend(state.errors_raw)
         calibrator._errors_corrected.extend(state.errors_corrected)
@@ -425,38 +441,36 @@ class OnlineCalibrator:
         theta = self._theta + cov @ (pull + weight * residual * x)
         self._theta = self._clip(theta)
         self._cov = cov
-        self._windows += 1
-        self._windows_since_reset += 1
 
-    def _reject(self, residual: float, window: list[float]) -> bool:
+    def _track_suspect(self, residual: float, window: list[float]) -> None:
         sign = 1 if residual > 0 else -1
-        if self._consecutive * sign > 0:
-            self._consecutive += sign
-        else:
-            self._consecutive = sign
+        if self._streak * sign <= 0:  # a new streak: the held windows were isolated glitches
+            self._streak = 0
             self._pending.clear()
+        self._streak += sign
         self._pending.append(window)
-        self._rejected += 1
-        if abs(self._consecutive) < REGIME_CHANGE_WINDOWS:
-            return False
-        self._regime_change()
-        return True
 
     def _regime_change(self) -> None:
-        """Forget the data (back to prior information, keeping the estimate) and replay the held
-        windows, so the new regime is learnt at once rather than rejected window after window."""
+        """Forget the data (back to prior information, centred on the current estimate) and
+        replay the streak at full weight, so the new regime is learnt at once instead of being
+        rejected, or down-weighted, window after window."""
         held, self._pending = self._pending, []
-        self._rejected -= len(held)
-        self._consecutive = 0
+        self._streak = 0
         self._cov = self._inverse(self._prior_info)
         self._windows_since_reset = 0
         self._residuals.clear()  # residuals of the old regime say nothing about the new noise
-        for p, d, i, m, ape_raw, ape_corrected in held:
+        for index, (p, d, i, m, ape_raw, ape_corrected, rejected) in enumerate(held):
             x, y = self._normalise(p, d, i, m)
             self._residuals.append(y - float(x @ self._theta))
             self._learn(x, y, 1.0)
-            self._errors_raw.append(ape_raw)
-            self._errors_corrected.append(ape_corrected)
+            self._windows_since_reset += 1
+            current = index == len(held) - 1  # this update's window: not yet counted anywhere
+            if rejected and not current:
+                self._rejected -= 1
+            if rejected or current:  # earlier learnt windows are already counted
+                self._windows += 1
+                self._errors_raw.append(ape_raw)
+                self._errors_corrected.append(ape_corrected)
 
     def _inverse(self, matrix: FloatArray) -> FloatArray:
         """Inverse of a 3x3 SPD matrix, equilibrated: scales are ~1 but idle watts are ~100s,
