@@ -43,6 +43,7 @@ class PluginMetrics:
         base = ["model_name", "engine"]
         self.registry = registry
         self._labels = {"model_name": model_name, "engine": engine}
+        self._children: dict[tuple, object] = {}
         self.energy = Counter(
             "llmco2_energy_joules",
             "Energy of inference on the engine's GPUs, by phase and source (predicted, later measured/calibrated).",
@@ -180,7 +181,12 @@ class PluginMetrics:
         self.request_carbon.labels(**labels)
 
     def labels(self, metric, **extra: str):
-        return metric.labels(**self._labels, **extra)
+        """The metric's child for this engine's labels plus ``extra`` (cached: the worker calls this per step)."""
+        key = (id(metric), tuple(extra.items()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(**self._labels, **extra)
+        return child
 
 
 class SnapshotWriter:

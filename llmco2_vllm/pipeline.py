@@ -13,7 +13,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -70,7 +69,7 @@ class RequestLog:
 
 
 class EnginePipeline:
-    """Owns the recorder (scheduler side) and the worker thread (everything else) of one engine."""
+    """Owns the recorder (the scheduler hook calls ``recorder.record``) and the worker thread (everything else)."""
 
     def __init__(
         self,
@@ -81,7 +80,6 @@ class EnginePipeline:
         model_name: str,
         engine: str = "0",
         snapshot_path: Path | None = None,
-        on_finished: Callable[[FinishedRequest], None] | None = None,
         meter: Meter | None = None,
         calibrator: OnlineCalibrator | None = None,
     ) -> None:
@@ -94,7 +92,6 @@ class EnginePipeline:
         self.registry = CollectorRegistry(auto_describe=True)
         self.metrics = PluginMetrics(self.registry, model_name, engine)
         self.snapshot = SnapshotWriter(self.registry, snapshot_path) if snapshot_path else None
-        self.on_finished = on_finished
         self.request_log = (
             RequestLog(
                 settings.request_log,
@@ -146,11 +143,6 @@ class EnginePipeline:
                 m.labels(m.energy, phase=phase, source="measured")
                 m.labels(m.carbon, phase=phase, source="measured")
         self._publish_calibration()
-
-    # -- scheduler thread -------------------------------------------------------------------
-    def record(self, scheduler_output, engine_outputs, started: float) -> None:
-        """Called by the scheduler hook; must stay O(1) and never raise into vLLM."""
-        self.recorder.record(scheduler_output, engine_outputs, started)
 
     # -- worker thread ----------------------------------------------------------------------
     def start(self) -> None:
@@ -320,8 +312,6 @@ class EnginePipeline:
             self.finished.append(result)
             if self.request_log is not None:
                 self.request_log.write(result)
-            if self.on_finished is not None:
-                self.on_finished(result)
         except Exception as error:
             self._failed("export", error)
 

@@ -63,22 +63,25 @@ def make_pipeline(meter, calibration_file: str = "") -> EnginePipeline:
 
 
 def run_windows(pipeline: EnginePipeline, meter: ScriptedMeter, windows: int) -> None:
-    """Windows of varying load (1-7 steps) and idle time (1-9 ms), so busy and idle energy are separable."""
-    metrics = pipeline.metrics
-    busy = metrics.energy.labels(model_name="llama", engine="0", phase="decode", source="predicted")
+    """Windows of varying load (1-7 steps) and length (10-90 ms, on a scripted clock), so busy and
+    idle energy are separable."""
+    clock = [0.0]
+    pipeline.windows.clock = lambda: clock[0]
+    pipeline.windows._started = 0.0
+    busy = pipeline.metrics.energy.labels(model_name="llama", engine="0", phase="decode", source="predicted")
     step = 0
     for window in range(windows):
-        started = time.monotonic()
+        busy_seconds = 0.0
         for _ in range(1 + window % 7):
             before = busy._value.get()
             pipeline.recorder.record(scheduler_output(step), {}, time.perf_counter())
+            busy_seconds += pipeline.recorder._records[-1].wall_seconds
             pipeline.process_pending()
             meter.energy_j += TRUE_SCALE * (busy._value.get() - before)
             step += 1
-        time.sleep(0.001 * (1 + window % 9))
+        window_seconds = 0.01 * (1 + window % 9)
+        clock[0] += window_seconds
         # Idle time is the window not covered by steps; the meter sees idle power over it.
-        window_seconds = time.monotonic() - started
-        busy_seconds = pipeline.windows._busy_seconds
         meter.energy_j += IDLE_WATTS * max(window_seconds - busy_seconds, 0.0)
         pipeline.close_window()
 
