@@ -1,0 +1,214 @@
+"""GNN step predictor: a learned log-space correction of the analytic (roofline) step energy.
+
+Each step becomes an operator graph (``operator_graph.py``). A small GraphSAGE network (2 layers,
+hidden 64, residual connections, message passing in both directions of the data-flow edges) pools the node embeddings
+(mean + max), concatenates an MLP embedding of the graph-level features and predicts two numbers,
+one from a prefill head and one from a decode head: the log correction of the analytic prefill and
+decode energy of the step (``prediction = analytic x exp(output)``; outputs are bounded to
++-``MAX_LOG_CORRECTION`` by a tanh so a wild input cannot produce a wild prediction).
+Time is not trained: the analytic phase time is scaled by the same factor as its energy.
+
+An ensemble of members trained from different seeds gives the central value (mean of the members'
+log factors) and an uncertainty interval: the members' spread, widened by the quantiles of the
+training residuals (``GnnEnsemble.interval``).
+
+Checkpoints are ``.safetensors`` (loaded with ``safetensors.torch.load_file`` only, never pickle)
+plus a JSON sidecar with the same stem holding the configuration and metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch_geometric.data import Batch, Data
+from torch_geometric.nn import SAGEConv, global_max_pool, global_mean_pool
+
+from .hardware import Hardware
+from .model_description import ModelDescription
+from .operator_graph import GRAPH_FEATURES, NODE_FEATURES, StepGraphBuilder, UnsupportedGraphError
+from .predictor import AnalyticPredictor, StepPrediction, prediction_from_cost
+from .step_shape import StepShape
+
+MAX_LOG_CORRECTION = 2.5
+DEFAULT_CHECKPOINT = "data/gnn_default.safetensors"
+
+
+class StepGNN(nn.Module):
+    """One ensemble member: GraphSAGE trunk + graph-feature MLP + prefill and decode heads."""
+
+    def __init__(self, node_dim: int, graph_dim: int, hidden: int = 64, layers: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.register_buffer("x_mean", torch.zeros(node_dim))
+        self.register_buffer("x_std", torch.ones(node_dim))
+        self.register_buffer("u_mean", torch.zeros(graph_dim))
+        self.register_buffer("u_std", torch.ones(graph_dim))
+        self.node_in = nn.Linear(node_dim, hidden)
+        self.convs = nn.ModuleList(SAGEConv(hidden, hidden) for _ in range(layers))
+        self.graph_mlp = nn.Sequential(nn.Linear(graph_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.trunk = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.prefill_head = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1))
+        self.decode_head = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, 1))
+        for head in (self.prefill_head, self.decode_head):  # start at the analytic prediction
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def set_normalisation(self, x: torch.Tensor, u: torch.Tensor) -> None:
+        self.x_mean.copy_(x.mean(0))
+        self.x_std.copy_(x.std(0).clamp_min(1e-3))
+        self.u_mean.copy_(u.mean(0))
+        self.u_std.copy_(u.std(0).clamp_min(1e-3))
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(graphs, 2) bounded log corrections: column 0 prefill, column 1 decode."""
+        h = torch.relu(self.node_in((x - self.x_mean) / self.x_std))
+        both = torch.cat([edge_index, edge_index.flip(0)], dim=1)  # messages along and against the data flow
+        for conv in self.convs:
+            h = h + torch.relu(conv(h, both))
+        pooled = torch.cat([global_mean_pool(h, batch), global_max_pool(h, batch)], dim=1)
+        g = self.graph_mlp((u - self.u_mean) / self.u_std)
+        z = self.trunk(torch.cat([pooled, g], dim=1))
+        out = torch.cat([self.prefill_head(z), self.decode_head(z)], dim=1)
+        return MAX_LOG_CORRECTION * torch.tanh(out / MAX_LOG_CORRECTION)
+
+
+class GnnEnsemble(nn.Module):
+    """Members trained from different seeds, plus what the interval needs."""
+
+    def __init__(self, members: int = 5, hidden: int = 64, layers: int = 2, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = {"members": members, "hidden": hidden, "layers": layers,
+                       "node_features": list(NODE_FEATURES), "graph_features": list(GRAPH_FEATURES)}
+        self.members = nn.ModuleList(
+            StepGNN(len(NODE_FEATURES), len(GRAPH_FEATURES), hidden, layers) for _ in range(members)
+        )
+        # log(measured / predicted) quantiles on the training rows (5 %, 95 %): widen the interval.
+        self.residual_quantiles = (0.0, 0.0)
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    def forward(self, x, edge_index, batch, u) -> torch.Tensor:
+        """(members, graphs, 2) log corrections."""
+        return torch.stack([m(x, edge_index, batch, u) for m in self.members])
+
+    @torch.no_grad()
+    def log_factors(self, graphs: Sequence[Data] | Batch) -> torch.Tensor:
+        """(members, graphs, 2) log corrections of a list of step graphs (eval mode)."""
+        self.eval()
+        b = graphs if isinstance(graphs, Batch) else Batch.from_data_list(list(graphs))
+        return self(b.x, b.edge_index, b.batch, b.u)
+
+    def interval(self, member_logs: torch.Tensor) -> tuple[float, float]:
+        """Low/high log factors from the members' spread, widened by the training residual quantiles."""
+        lo = float(torch.quantile(member_logs, 0.1)) + self.residual_quantiles[0]
+        hi = float(torch.quantile(member_logs, 0.9)) + self.residual_quantiles[1]
+        return lo, hi
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path))
+        sidecar = {"format": "llmco2-gnn-v1", "config": self.config,
+                   "residual_quantiles": list(self.residual_quantiles), "metadata": self.metadata}
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GnnEnsemble":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        sidecar = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        if sidecar.get("format") != "llmco2-gnn-v1":
+            raise ValueError(f"{path}: unknown checkpoint format {sidecar.get('format')!r}")
+        config = sidecar["config"]
+        if config["node_features"] != list(NODE_FEATURES) or config["graph_features"] != list(GRAPH_FEATURES):
+            raise ValueError(f"{path}: checkpoint features differ from this operator_graph version; retrain")
+        ensemble = cls(config["members"], config["hidden"], config["layers"], sidecar.get("metadata"))
+        ensemble.load_state_dict(load_file(str(path)), strict=True)
+        ensemble.residual_quantiles = tuple(float(v) for v in sidecar["residual_quantiles"])
+        ensemble.eval()
+        return ensemble
+
+
+def default_checkpoint_path() -> Path:
+    return Path(str(resources.files("llmco2_vllm").joinpath(DEFAULT_CHECKPOINT)))
+
+
+class GnnPredictor:
+    """``StepPredictor`` ("gnn"): analytic per-request weights, GNN-corrected phase totals.
+
+    Falls back to the analytic predictor, with a warning, when the model cannot be expressed as an
+    operator graph (``UnsupportedGraphError``) or no checkpoint can be loaded.
+    """
+
+    name = "gnn"
+
+    def __init__(
+        self,
+        model: ModelDescription,
+        hardware: Hardware,
+        pipeline_parallel: int = 1,
+        checkpoint: str | Path | GnnEnsemble | None = None,
+    ) -> None:
+        self.model, self.hardware, self.pipeline_parallel = model, hardware, pipeline_parallel
+        self.analytic = AnalyticPredictor(model, hardware, pipeline_parallel)
+        self.builder: StepGraphBuilder | None = None
+        self.ensemble: GnnEnsemble | None = None
+        self.fallback_reason = ""
+        try:
+            self.builder = StepGraphBuilder(model, hardware, pipeline_parallel)
+            if isinstance(checkpoint, GnnEnsemble):
+                self.ensemble = checkpoint
+            else:
+                self.ensemble = GnnEnsemble.load(checkpoint or default_checkpoint_path())
+            self.ensemble.eval()
+        except (UnsupportedGraphError, OSError, ValueError) as error:
+            self.builder, self.ensemble = None, None
+            self.fallback_reason = str(error)
+            warnings.warn(f"GnnPredictor: falling back to the analytic predictor: {error}", RuntimeWarning, stacklevel=2)
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.ensemble is None
+
+    def _member_logs(self, step: StepShape) -> tuple[torch.Tensor, StepPrediction]:
+        assert self.builder is not None and self.ensemble is not None
+        graph, analytic = self.builder.build(step)
+        with torch.no_grad():
+            logs = self.ensemble(graph.x, graph.edge_index, torch.zeros(graph.num_nodes, dtype=torch.long), graph.u)
+        return logs[:, 0, :], analytic
+
+    def predict_step(self, step: StepShape) -> StepPrediction:
+        return self.predict_step_interval(step)[0]
+
+    def predict_step_interval(self, step: StepShape) -> tuple[StepPrediction, float, float]:
+        """(prediction, low energy J, high energy J) of the step (whole step, both phases)."""
+        if self.ensemble is None or step.total_prefill_tokens + step.total_decode_tokens == 0:
+            pred = self.analytic.predict_step(step)
+            return pred, pred.energy_j, pred.energy_j
+        logs, a = self._member_logs(step)
+        fp, fd = (math.exp(float(v)) for v in logs.mean(0))
+        pred = StepPrediction(
+            prefill_seconds=a.prefill_seconds * fp,
+            decode_seconds=a.decode_seconds * fd,
+            prefill_energy_j=a.prefill_energy_j * fp,
+            decode_energy_j=a.decode_energy_j * fd,
+            request_prefill_weights=a.request_prefill_weights,
+            request_decode_weights=a.request_decode_weights,
+        )
+        # Interval on the step total: per member, total = analytic_p e^{o_p} + analytic_d e^{o_d}.
+        totals = a.prefill_energy_j * torch.exp(logs[:, 0]) + a.decode_energy_j * torch.exp(logs[:, 1])
+        lo, hi = self.ensemble.interval(torch.log(totals / max(pred.energy_j, 1e-30)))
+        return pred, pred.energy_j * math.exp(lo), pred.energy_j * math.exp(hi)
+
+
+__all__ = ["GnnEnsemble", "GnnPredictor", "StepGNN", "default_checkpoint_path", "prediction_from_cost"]
