@@ -19,7 +19,7 @@ from .carbon import lookup_region, operational_grams_co2e
 from .forecast import forecast_static_batch
 from .hardware import Hardware, find_gpu
 from .model_description import load_model
-from .predictor import AnalyticPredictor
+from .predictor import StepPredictor, load_predictor
 
 BATCH_COLUMNS = ("model", "gpu", "num_gpus", "tensor_parallel", "batch_size", "prompt_tokens", "output_tokens")
 OPTIONAL_BATCH_COLUMNS = ("region", "data_parallel", "expert_parallel")
@@ -45,7 +45,8 @@ def _int(row: Mapping[str, Any], name: str, default: int | None = None, maximum:
 class BatchPredictor:
     """Predicts rows; keeps one predictor per (model, gpu, parallelism)."""
 
-    def __init__(self, calibration_path: str | None = None, pue: float = 1.0) -> None:
+    def __init__(self, calibration_path: str | None = None, pue: float = 1.0, predictor: str = "analytic") -> None:
+        self.predictor_name = predictor
         self.calibration = None
         if calibration_path:
             from .calibration import OnlineCalibrator
@@ -57,14 +58,16 @@ class BatchPredictor:
 
     @staticmethod
     @lru_cache(maxsize=256)
-    def _predictor(model: str, gpu: str, num_gpus: int, tensor_parallel: int, data_parallel: int) -> AnalyticPredictor:
+    def _predictor(
+        name: str, model: str, gpu: str, num_gpus: int, tensor_parallel: int, data_parallel: int
+    ) -> StepPredictor:
         if num_gpus % (tensor_parallel * data_parallel):
             raise ValueError(
                 f"num_gpus={num_gpus} is not a multiple of tensor_parallel x data_parallel = {tensor_parallel * data_parallel}"
             )
         pipeline_parallel = num_gpus // (tensor_parallel * data_parallel)
         hardware = Hardware(find_gpu(gpu), tensor_parallel * pipeline_parallel, tensor_parallel, "configured")
-        return AnalyticPredictor(load_model(model), hardware, pipeline_parallel)
+        return load_predictor(name, load_model(model), hardware, pipeline_parallel)
 
     def predict(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """One row -> the prediction fields (raises ValueError with the reason)."""
@@ -77,7 +80,7 @@ class BatchPredictor:
         batch_size = _int(row, "batch_size", maximum=1_000_000)
         prompt_tokens = _int(row, "prompt_tokens")
         output_tokens = _int(row, "output_tokens")
-        predictor = self._predictor(model, gpu, num_gpus, tensor_parallel, data_parallel)
+        predictor = self._predictor(self.predictor_name, model, gpu, num_gpus, tensor_parallel, data_parallel)
         per_replica = math.ceil(batch_size / data_parallel)
         forecast = forecast_static_batch(predictor, per_replica, prompt_tokens, output_tokens)
         scale = batch_size / per_replica  # replicas share the batch; the last one may hold fewer
@@ -88,8 +91,8 @@ class BatchPredictor:
             calibrated = True
         energy_j = prefill_j + decode_j
         result: dict[str, Any] = {
-            "model": predictor.model.name,
-            "gpu": predictor.hardware.gpu.name,
+            "model": load_model(model).name,
+            "gpu": find_gpu(gpu).name,
             "num_gpus": num_gpus,
             "tensor_parallel": tensor_parallel,
             "data_parallel": data_parallel,

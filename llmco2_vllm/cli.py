@@ -32,6 +32,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `llmco2 train` / `python -m llmco2_vllm.train_gnn` (defaults reproduce the shipped checkpoint)."""
+    parser.add_argument("--out", default="llmco2_vllm/data/gnn_default.safetensors", help="checkpoint to write")
+    parser.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs per member (default 40)")
+    parser.add_argument("--samples", type=int, default=4, help="decode contexts sampled per row (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmco2", description="Energy and carbon of LLM inference.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--region", default=None, help="grid region code for carbon (see `llmco2 regions`)")
     predict.add_argument("--pue", type=float, default=1.0, help="power usage effectiveness (default 1.0)")
     predict.add_argument("--calibration", default=None, help="calibration file from `llmco2 calibrate` to apply")
+    predict.add_argument(
+        "--predictor",
+        default="analytic",
+        help="analytic (default), gnn (the shipped LLMCO2 checkpoint; needs torch-geometric) or package.module:Class",
+    )
     predict.add_argument("--batch-file", default=None, help="CSV of static batches to predict (batch mode)")
     predict.add_argument("--out", default=None, help="output CSV for batch mode")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -69,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--measurements", required=True, help="CSV of measured batches")
     calibrate.add_argument("--out", required=True, help="calibration file to write (JSON)")
     calibrate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    train = commands.add_parser(
+        "train", help="train the GNN predictor on the packaged real measurements (reproduces the shipped checkpoint)"
+    )
+    add_train_arguments(train)
 
     collect = commands.add_parser(
         "collect",
@@ -93,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _predict(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "train":
+            from .train_gnn import run as run_train
+
+            return run_train(args)
         if args.command == "collect":
             from .collect import run as run_collect
 
@@ -106,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .batch_predict import BatchPredictor, predict_file
 
-    predictor = BatchPredictor(calibration_path=args.calibration, pue=args.pue)
+    predictor = BatchPredictor(calibration_path=args.calibration, pue=args.pue, predictor=args.predictor)
     if args.batch_file:
         if not args.out:
             raise ValueError("batch mode needs --out OUT.csv")

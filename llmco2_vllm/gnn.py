@@ -25,7 +25,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch_geometric.data import Batch, Data
@@ -37,7 +36,9 @@ from .operator_graph import GRAPH_FEATURES, NODE_FEATURES, StepGraphBuilder, Uns
 from .predictor import AnalyticPredictor, StepPrediction, prediction_from_cost
 from .step_shape import StepShape
 
-MAX_LOG_CORRECTION = 2.5
+MAX_LOG_CORRECTION = 2.0
+#: Standardised inputs are clipped to +-this: limits extrapolation to unseen GPUs / architectures.
+MAX_ABS_Z = 4.0
 DEFAULT_CHECKPOINT = "data/gnn_default.safetensors"
 
 
@@ -62,18 +63,18 @@ class StepGNN(nn.Module):
 
     def set_normalisation(self, x: torch.Tensor, u: torch.Tensor) -> None:
         self.x_mean.copy_(x.mean(0))
-        self.x_std.copy_(x.std(0).clamp_min(1e-3))
+        self.x_std.copy_(x.std(0).clamp_min(0.05))
         self.u_mean.copy_(u.mean(0))
-        self.u_std.copy_(u.std(0).clamp_min(1e-3))
+        self.u_std.copy_(u.std(0).clamp_min(0.05))
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """(graphs, 2) bounded log corrections: column 0 prefill, column 1 decode."""
-        h = torch.relu(self.node_in((x - self.x_mean) / self.x_std))
+        h = torch.relu(self.node_in(((x - self.x_mean) / self.x_std).clamp(-MAX_ABS_Z, MAX_ABS_Z)))
         both = torch.cat([edge_index, edge_index.flip(0)], dim=1)  # messages along and against the data flow
         for conv in self.convs:
             h = h + torch.relu(conv(h, both))
         pooled = torch.cat([global_mean_pool(h, batch), global_max_pool(h, batch)], dim=1)
-        g = self.graph_mlp((u - self.u_mean) / self.u_std)
+        g = self.graph_mlp(((u - self.u_mean) / self.u_std).clamp(-MAX_ABS_Z, MAX_ABS_Z))
         z = self.trunk(torch.cat([pooled, g], dim=1))
         out = torch.cat([self.prefill_head(z), self.decode_head(z)], dim=1)
         return MAX_LOG_CORRECTION * torch.tanh(out / MAX_LOG_CORRECTION)

@@ -25,7 +25,8 @@ Node features (fixed log scaling here; the GNN standardises them again with stat
 its checkpoint): log FLOPs, log weight / activation / KV / interconnect bytes, log arithmetic
 intensity, log roofline seconds (per layer), compute-bound flag, log layer multiplier, node-kind
 one-hot. Graph features: hardware, parallelism, batch summary, model dimensions and the analytic
-prediction's log time / log energy of the step. There is deliberately no GPU-identity one-hot.
+prediction's log time / log energy of the step, and a serving-engine flag (HF transformers
+vs vLLM; only ML.ENERGY v1 training rows set it). There is deliberately no GPU-identity one-hot.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ GRAPH_FEATURES: tuple[str, ...] = (
     "log_experts", "log_experts_per_token", "log_active_params", "is_mla", "weight_bytes_per_param",
     "sliding_layer_share",
     "analytic_log_seconds", "analytic_log_energy_j", "analytic_prefill_energy_share",
+    "engine_hf_transformers",
 )
 #: Columns of ``Data.raw``: per-layer (per-node) physical quantities, unscaled, for tests/inspection.
 RAW_COLUMNS = ("flops", "weight_bytes", "activation_bytes", "kv_cache_bytes", "interconnect_bytes", "seconds")
@@ -241,7 +243,10 @@ class StepGraphBuilder:
                                             fractions["kv"], fractions["link"]])
         return out
 
-    def build(self, step: StepShape) -> Data:
+    def build(self, step: StepShape, hf_transformers: bool = False) -> Data:
+        """``(graph, analytic StepPrediction)``. ``hf_transformers`` marks training rows served by HF
+        transformers instead of vLLM (ML.ENERGY v1): a graph feature so the GNN can attribute that
+        engine's overhead to the engine; always False when predicting for vLLM."""
         cost = self.roofline.cost(step)
         q = self.node_quantities(cost)
         r = self.roofline
@@ -265,7 +270,7 @@ class StepGraphBuilder:
         from .predictor import prediction_from_cost
 
         pred = prediction_from_cost(cost)
-        u = self.graph_features(step, pred)
+        u = self.graph_features(step, pred, hf_transformers)
         raw = torch.from_numpy(np.concatenate([q, seconds[:, None]], axis=1))
         return Data(
             x=x, edge_index=self.edge_index, edge_type=self.edge_type, u=u.unsqueeze(0), raw=raw,
@@ -274,7 +279,7 @@ class StepGraphBuilder:
             num_nodes=len(self.node_names),
         ), pred
 
-    def graph_features(self, step: StepShape, pred) -> torch.Tensor:
+    def graph_features(self, step: StepShape, pred, hf_transformers: bool = False) -> torch.Tensor:
         hw_f, model_f = self._static_graph_features
         n = step.num_requests
         ctx = step.context_tokens.astype(np.float64) + step.prefill_tokens + step.decode_tokens
@@ -288,6 +293,7 @@ class StepGraphBuilder:
         analytic_f = [
             math.log10(max(seconds, 1e-9)) / 3.0, math.log10(max(energy, 1e-9)) / 4.0,
             pred.prefill_energy_j / energy if energy > 0 else 0.0,
+            float(hf_transformers),
         ]
         return torch.tensor(hw_f + batch_f + model_f + analytic_f, dtype=torch.float32)
 

@@ -104,15 +104,18 @@ def load_predictor(
     hardware: Hardware,
     pipeline_parallel: int = 1,
 ) -> StepPredictor:
-    """Build a predictor by name: ``analytic``, or ``package.module:Class`` for a custom one.
+    """Build a predictor by name: ``analytic``, ``gnn`` (the shipped LLMCO2 checkpoint; needs torch
+    and torch-geometric), or ``package.module:Class`` for a custom one.
 
     A custom class is called as ``Class(model=..., hardware=..., pipeline_parallel=...)``.
     """
     if name == "analytic":
         return AnalyticPredictor(model, hardware, pipeline_parallel)
+    if name == "gnn":
+        name = "llmco2_vllm.gnn:GnnPredictor"
     if ":" not in name:
         raise PredictorLoadError(
-            f"Unknown predictor {name!r}. Use 'analytic' or an import path 'package.module:Class'."
+            f"Unknown predictor {name!r}. Use 'analytic', 'gnn' or an import path 'package.module:Class'."
         )
     module_name, _, attribute = name.partition(":")
     try:

@@ -31,7 +31,7 @@ class Settings:
     region: str = "WORLD"  # grid region code (ISO 3166 country, eGRID subregion, WORLD)
     grid_intensity: float | None = None  # gCO2e/kWh; overrides the region's annual average
     pue: float = 1.0  # 1.0 = GPU-only boundary; set your facility's power usage effectiveness
-    predictor: str = "analytic"  # or "package.module:Class"
+    predictor: str = "analytic"  # "gnn" (LLMCO2 checkpoint, not yet the default: see benchmarks/results/gnn_eval.md) or "package.module:Class"
     queue_capacity: int = 8192  # steps waiting for the worker before new ones are dropped (and counted)
     flush_interval_seconds: float = 0.5  # how often the engine publishes metrics to the API server
     max_tracked_requests: int = 100_000  # running requests kept in the attribution ledger
@@ -134,9 +134,9 @@ class Settings:
                 OnlineCalibrator.load(self.calibration_file)
             except CalibrationFileError as error:
                 raise SettingsError(f"LLMCO2_CALIBRATION_FILE: {error}") from None
-        if self.predictor != "analytic" and ":" not in self.predictor:
+        if self.predictor not in ("analytic", "gnn") and ":" not in self.predictor:
             raise SettingsError(
-                f"LLMCO2_PREDICTOR={self.predictor!r}: use 'analytic' or an import path 'package.module:Class'."
+                f"LLMCO2_PREDICTOR={self.predictor!r}: use 'analytic', 'gnn' or an import path 'package.module:Class'."
             )
 
 

@@ -66,10 +66,11 @@ def row_graphs(row: dict[str, Any], samples: int = DEFAULT_SAMPLES) -> list[tupl
     """(graph, phase 0=prefill/1=decode, weight x analytic phase energy) for every step of a row."""
     builder = builder_for(row["model"], row["gpu"], int(row["num_gpus"]), int(row["tensor_parallel"]))
     b, p, o = int(row["batch_size"]), int(row["prompt_tokens"]), int(row["output_tokens"])
-    graph, pred = builder.build(StepShape.static_batch_prefill(b, p))
+    hf = str(row.get("software", "")).startswith("hf-transformers")
+    graph, pred = builder.build(StepShape.static_batch_prefill(b, p), hf)
     out = [(graph, 0, pred.prefill_energy_j + pred.decode_energy_j)]
     for context, weight in zip(*decode_contexts(p, o, samples)):
-        graph, pred = builder.build(StepShape.static_batch_decode(b, int(context)))
+        graph, pred = builder.build(StepShape.static_batch_decode(b, int(context)), hf)
         out.append((graph, 1, weight * pred.decode_energy_j))
     return out
 
@@ -195,13 +196,14 @@ def measurements_sha256() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import add_train_arguments  # the CLI owns the arguments so `llmco2 --help` needs no torch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="llmco2_vllm/data/gnn_default.safetensors")
-    parser.add_argument("--members", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    add_train_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     rows = load_measurements()

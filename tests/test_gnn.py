@@ -1,0 +1,178 @@
+"""Operator graph construction, GNN checkpoint round trip and the GnnPredictor contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torch_geometric")
+
+from llmco2_vllm.gnn import GnnEnsemble, GnnPredictor, default_checkpoint_path  # noqa: E402
+from llmco2_vllm.hardware import Hardware, find_gpu  # noqa: E402
+from llmco2_vllm.model_description import ModelDescription, load_model  # noqa: E402
+from llmco2_vllm.operator_graph import (  # noqa: E402
+    EDGE_LAYER_LOOP, EDGE_RESIDUAL, GRAPH_FEATURES, NODE_FEATURES, StepGraphBuilder, UnsupportedGraphError,
+    build_step_graph, check_supported,
+)
+from llmco2_vllm.predictor import StepPredictor  # noqa: E402
+from llmco2_vllm.step_shape import StepShape  # noqa: E402
+
+
+def hardware(tp: int = 1, gpu: str = "H100-SXM5-80GB") -> Hardware:
+    return Hardware(find_gpu(gpu), tp, tp, "configured")
+
+
+DENSE_MHA = "huggyllama/llama-7b"
+DENSE_GQA = "meta-llama/Llama-3.1-8B-Instruct"
+MOE = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+MLA_MOE_SHARED = "deepseek-ai/DeepSeek-V3.1"
+
+MIXED = StepShape.from_requests([("a", 100, 0, 0), ("b", 0, 1, 500), ("c", 64, 0, 128)])
+
+
+def edges(builder: StepGraphBuilder) -> set[tuple[str, str]]:
+    names = builder.node_names
+    return {(names[a], names[b]) for a, b in builder.edge_index.t().tolist()}
+
+
+@pytest.mark.parametrize(
+    "model_name, tp, expected_nodes",
+    [
+        (DENSE_MHA, 1, 13),  # embedding, 2 norms, qkv, rope, attention, o_proj, 2 residual adds, gate_up, act, down, lm_head
+        (DENSE_GQA, 1, 13),
+        (MOE, 1, 12),  # router + experts instead of gate_up/activation/down
+        (MOE, 4, 14),  # + 2 all-reduce nodes
+        (MLA_MOE_SHARED, 8, 18),  # dense MLP (first layers) + router, routed experts, shared expert + 2 all-reduces
+    ],
+)
+def test_graph_structure(model_name: str, tp: int, expected_nodes: int) -> None:
+    builder = StepGraphBuilder(load_model(model_name), hardware(tp))
+    graph, _ = builder.build(MIXED)
+    assert graph.num_nodes == expected_nodes == len(builder.node_names)
+    assert graph.x.shape == (expected_nodes, len(NODE_FEATURES))
+    assert graph.u.shape == (1, len(GRAPH_FEATURES))
+    assert torch.isfinite(graph.x).all() and torch.isfinite(graph.u).all()
+    e = edges(builder)
+    assert ("embedding", "input_norm") in e and ("input_norm", "qkv") in e and ("qkv", "rope") in e
+    assert ("rope", "attention") in e and ("attention", "o_proj") in e and ("residual_mlp", "lm_head") in e
+    types = dict(zip(((builder.node_names[a], builder.node_names[b]) for a, b in builder.edge_index.t().tolist()),
+                     builder.edge_type.tolist()))
+    assert types[("embedding", "residual_attn")] == EDGE_RESIDUAL
+    assert types[("residual_attn", "residual_mlp")] == EDGE_RESIDUAL
+    assert types[("residual_mlp", "input_norm")] == EDGE_LAYER_LOOP
+    if tp > 1:
+        assert ("o_proj", "all_reduce_attn") in e and ("all_reduce_mlp", "residual_mlp") in e
+    else:
+        assert not any("all_reduce" in n for n in builder.node_names)
+    model = load_model(model_name)
+    if model.is_moe:
+        assert ("post_attn_norm", "moe_router") in e and ("moe_router", "moe_experts") in e
+        assert ("shared_expert" in builder.node_names) == bool(model.shared_expert_intermediate_size)
+    if model.num_dense_layers:
+        assert ("gate_up", "activation") in e and ("activation", "down") in e
+    # every node is reachable and no node is isolated
+    touched = {a for a, _ in e} | {b for _, b in e}
+    assert touched == set(builder.node_names)
+
+
+@pytest.mark.parametrize("model_name, tp", [(DENSE_GQA, 1), (MOE, 4), (MLA_MOE_SHARED, 8), (DENSE_MHA, 2)])
+def test_node_numbers_sum_to_roofline_ops(model_name: str, tp: int) -> None:
+    builder = StepGraphBuilder(load_model(model_name), hardware(tp))
+    cost = builder.roofline.cost(MIXED)
+    graph, _ = builder.build(MIXED)
+    raw = graph.raw.numpy()
+    for j, op in enumerate(cost.op_names):
+        idx = [i for i, o in enumerate(builder.node_ops) if o == op]
+        assert idx, op
+        total = (raw[idx, :5] * builder.node_mult[idx, None]).sum(axis=0)
+        expected = [cost.op_flops[j], cost.op_weight_bytes[j], cost.op_activation_bytes[j],
+                    cost.op_kv_cache_bytes[j], cost.op_interconnect_bytes[j]]
+        np.testing.assert_allclose(total, expected, rtol=1e-9, err_msg=op)
+
+
+def test_llama_8b_decode_hand_check() -> None:
+    """Llama-3.1-8B, decode batch 1: the qkv node holds ONE layer's Q, K, V weights."""
+    model = load_model(DENSE_GQA)
+    step = StepShape.static_batch_decode(1, 400)
+    graph = build_step_graph(model, hardware(1), step)
+    builder = StepGraphBuilder(model, hardware(1))
+    qkv = builder.node_names.index("qkv")
+    assert graph.raw[qkv, 1].item() == 4096 * (4096 + 2 * 1024) * 2  # bf16 bytes
+    assert graph.raw[qkv, 0].item() == 2 * 4096 * (4096 + 2 * 1024)  # 2 FLOPs per weight, one token
+    attention = builder.node_names.index("attention")
+    # K/V read for 400 cached tokens + the new one, plus the new token's K/V written:
+    # (401 + 1) tokens x 8 kv heads x 128 x 2 (K and V) x 2 bytes
+    assert graph.raw[attention, 3].item() == (401 + 1) * 8 * 128 * 2 * 2
+    gate_up = builder.node_names.index("gate_up")
+    assert graph.raw[gate_up, 1].item() == 2 * 4096 * 14336 * 2
+    assert builder.node_mult[qkv] == 32 and builder.node_mult[builder.node_names.index("lm_head")] == 1
+
+
+def test_unsupported_architecture_is_declared_and_predictor_falls_back() -> None:
+    base = load_model(MLA_MOE_SHARED)
+    unsupported = dataclasses.replace(base, sliding_window=4096, num_sliding_window_layers=4)  # MLA + sliding window
+    with pytest.raises(UnsupportedGraphError):
+        check_supported(unsupported)
+    with pytest.warns(RuntimeWarning, match="falling back to the analytic"):
+        predictor = GnnPredictor(unsupported, hardware(8), checkpoint=GnnEnsemble(1))
+    assert predictor.is_fallback
+    from llmco2_vllm.predictor import AnalyticPredictor
+
+    got = predictor.predict_step(MIXED)
+    want = AnalyticPredictor(unsupported, hardware(8)).predict_step(MIXED)
+    assert got.energy_j == pytest.approx(want.energy_j) and got.seconds == pytest.approx(want.seconds)
+
+
+def _perturbed_ensemble(members: int = 2) -> GnnEnsemble:
+    torch.manual_seed(0)
+    ensemble = GnnEnsemble(members)
+    with torch.no_grad():  # heads start at zero: give them weights so outputs are non-trivial
+        for member in ensemble.members:
+            for head in (member.prefill_head, member.decode_head):
+                head[-1].weight.normal_(0, 0.3)
+                head[-1].bias.normal_(0, 0.3)
+    ensemble.residual_quantiles = (-0.2, 0.25)
+    return ensemble.eval()
+
+
+def test_checkpoint_round_trip(tmp_path) -> None:
+    ensemble = _perturbed_ensemble()
+    path = tmp_path / "gnn.safetensors"
+    ensemble.save(path)
+    assert path.with_suffix(".json").exists()
+    loaded = GnnEnsemble.load(path)
+    model, hw = load_model(DENSE_GQA), hardware(1)
+    a = GnnPredictor(model, hw, checkpoint=ensemble)
+    b = GnnPredictor(model, hw, checkpoint=path)
+    for step in (MIXED, StepShape.static_batch_decode(4, 300), StepShape.static_batch_prefill(2, 128)):
+        pa, pb = a.predict_step_interval(step), b.predict_step_interval(step)
+        assert pa[0].energy_j == pb[0].energy_j and pa[0].seconds == pb[0].seconds
+        assert pa[1:] == pb[1:]
+    assert loaded.residual_quantiles == (-0.2, 0.25)
+
+
+def test_gnn_predictor_contract() -> None:
+    checkpoint = default_checkpoint_path() if default_checkpoint_path().exists() else _perturbed_ensemble()
+    model, hw = load_model(MOE), hardware(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a supported model must not fall back
+        predictor = GnnPredictor(model, hw, checkpoint=checkpoint)
+    assert isinstance(predictor, StepPredictor) and predictor.name == "gnn" and not predictor.is_fallback
+    from llmco2_vllm.predictor import AnalyticPredictor
+
+    analytic = AnalyticPredictor(model, hw).predict_step(MIXED)
+    pred, low, high = predictor.predict_step_interval(MIXED)
+    for value in (pred.prefill_seconds, pred.decode_seconds, pred.prefill_energy_j, pred.decode_energy_j, low, high):
+        assert math.isfinite(value) and value > 0
+    assert low <= pred.energy_j <= high
+    np.testing.assert_allclose(pred.request_prefill_weights, analytic.request_prefill_weights)
+    np.testing.assert_allclose(pred.request_decode_weights, analytic.request_decode_weights)
+    # the correction is bounded: exp(+-MAX_LOG_CORRECTION) of the analytic phase energy
+    assert 0.1 < pred.prefill_energy_j / analytic.prefill_energy_j < 10
+    empty = StepShape.from_requests([("idle", 0, 0, 10)])
+    assert predictor.predict_step(empty).energy_j == pytest.approx(AnalyticPredictor(model, hw).predict_step(empty).energy_j)
