@@ -58,6 +58,12 @@ class StepCost:
     op_coefficients: np.ndarray  # (ops, features): the binding resource per unit of each feature
     row_features: np.ndarray  # (features, rows): tokens, keys, logit rows, K/V bytes, token share
     num_requests: int
+    # Per-feature weights that distribute op seconds / energy to rows (sum over ops of value/total x
+    # coefficient), and what ops with no binding work leave to split by token share.
+    seconds_per_feature: np.ndarray
+    energy_per_feature: np.ndarray
+    orphan_seconds: float = 0.0
+    orphan_energy_j: float = 0.0
 
     @property
     def flops(self) -> float:
@@ -79,20 +85,11 @@ class StepCost:
     def energy_j(self) -> float:
         return float(self.op_energy_j.sum())
 
-    def _per_row(self, op_values: np.ndarray) -> np.ndarray:
-        """Distribute per-op values to rows: (values / binding total) . coefficients . features."""
-        totals = self.op_coefficients @ self.row_features.sum(axis=1)
-        scale = np.divide(op_values, totals, out=np.zeros_like(op_values), where=totals > 0)
-        rows = (scale @ self.op_coefficients) @ self.row_features
-        # Ops with nothing to share by (no binding work) split by tokens.
-        orphan = float(op_values[totals <= 0].sum())
-        return rows + orphan * self.row_features[-1] if orphan else rows
-
     def row_seconds(self) -> np.ndarray:
-        return self._per_row(self.op_seconds)
+        return self.seconds_per_feature @ self.row_features + self.orphan_seconds * self.row_features[-1]
 
     def row_energy_j(self) -> np.ndarray:
-        return self._per_row(self.op_energy_j)
+        return self.energy_per_feature @ self.row_features + self.orphan_energy_j * self.row_features[-1]
 
     @property
     def row_share(self) -> np.ndarray:
@@ -197,6 +194,9 @@ class Roofline:
         (self.flops_per_token, self.flops_per_key, self.flops_per_logit, self.weight_bytes,
          self.act_per_token, self.act_per_logit, self.link_per_token, self.launches) = table.T  # fmt: skip
         self.attention_mask = np.array([name == "attention" for name in self.op_names], dtype=np.float64)
+        # The step loop runs over ~10 ops: plain floats are several times faster than numpy there.
+        self._op_rows = [tuple(float(v) for v in row) for row in table]
+        self._attention_index = self.op_names.index("attention")
 
         gpu = hardware.gpu
         self.peak_flops = gpu.peak_flops(_compute_dtype(model)) * assumptions.compute_efficiency
@@ -208,13 +208,12 @@ class Roofline:
     def cost(self, step: StepShape) -> StepCost:
         model, a = self.model, self.assumptions
         n = step.num_requests
-        tokens = np.concatenate([step.prefill_tokens, step.decode_tokens]).astype(np.float64)
-        context = np.concatenate([step.context_tokens, step.context_tokens + step.prefill_tokens]).astype(np.float64)
+        prefill, decode = step.prefill_tokens, step.decode_tokens
+        tokens = np.concatenate([prefill, decode]).astype(np.float64)
+        context = np.concatenate([step.context_tokens, step.context_tokens + prefill]).astype(np.float64)
         total_tokens = float(tokens.sum())
         # One logit row per scheduled request (its last position) plus every speculative position.
-        logits = np.concatenate(
-            [((step.prefill_tokens > 0) & (step.decode_tokens == 0)).astype(np.float64), step.decode_tokens.astype(np.float64)]
-        )
+        logits = np.concatenate([((prefill > 0) & (decode == 0)).astype(np.float64), decode.astype(np.float64)])
         layers = model.num_layers
         sliding_layers = model.num_sliding_window_layers
         full_layers = layers - sliding_layers
@@ -225,67 +224,82 @@ class Roofline:
             keys = keys + sliding_layers * _sliding_keys(context, tokens, window)
             # The window includes the query itself: a chunk of T tokens reads at most w + T - 1 keys.
             kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens - 1)
-        kv_row = np.where(tokens > 0, (kv_read_tokens + layers * tokens) * model.kv_cache_bytes_per_token_per_layer, 0.0)
-
+        kv_row = (kv_read_tokens + layers * tokens) * (model.kv_cache_bytes_per_token_per_layer * (tokens > 0))
         token_share = tokens / total_tokens if total_tokens else np.zeros_like(tokens)
-        token_sum, key_sum, logit_sum, kv_sum = float(total_tokens), float(keys.sum()), float(logits.sum()), float(kv_row.sum())
-        op_flops = self.flops_per_token * token_sum + self.flops_per_key * key_sum + self.flops_per_logit * logit_sum
-        op_activation = self.act_per_token * token_sum + self.act_per_logit * logit_sum
-        op_kv = self.attention_mask * kv_sum
-        op_link = self.link_per_token * token_sum
-        weight_bytes = self.weight_bytes if total_tokens else np.zeros_like(self.weight_bytes)  # an empty step reads nothing
-        if self.moe_index >= 0:
+        key_sum, logit_sum, kv_sum = float(keys.sum()), float(logits.sum()), float(kv_row.sum())
+
+        moe_weight_bytes = 0.0
+        if self.moe_index >= 0 and total_tokens:
             experts, k = model.num_experts, model.experts_per_token
             # Expected number of distinct experts the step's tokens route to (uniform routing).
-            touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens) if total_tokens else 0.0
-            weight_bytes = weight_bytes.copy()
-            weight_bytes[self.moe_index] = (
+            touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens)
+            moe_weight_bytes = (
                 (touched * model.expert_params + model.shared_expert_params_per_layer)
                 * model.weight_bytes_per_param
                 * model.num_moe_layers
             )
-        op_bytes = op_activation + op_kv + weight_bytes
 
         tp = self.tensor_parallel
-        compute_seconds = op_flops / (tp * self.peak_flops)
-        memory_seconds = op_bytes / (tp * self.bandwidth)
-        link_seconds = op_link / (tp * self.link)
-        slowest_transfer = np.maximum(memory_seconds, link_seconds)
-        busy = np.maximum(compute_seconds, slowest_transfer)
-        op_seconds = busy + self.launches * a.kernel_launch_seconds if total_tokens > 0 else busy
-
-        activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * slowest_transfer
-        dynamic_fraction = np.minimum(1.0, np.divide(activity, op_seconds, out=np.zeros_like(activity), where=op_seconds > 0))
-        op_energy = self.gpus * op_seconds * (self.idle_watts + self.dynamic_watts * dynamic_fraction)
-
-        # Binding resource per unit of each row feature (tokens, keys, logit rows, K/V bytes, token share).
-        compute_bound = compute_seconds >= slowest_transfer
-        link_bound = ~compute_bound & (link_seconds > memory_seconds)
-        memory_bound = ~compute_bound & ~link_bound
-        coefficients = np.stack(
-            [
-                np.where(compute_bound, self.flops_per_token, np.where(link_bound, self.link_per_token, self.act_per_token)),
-                np.where(compute_bound, self.flops_per_key, 0.0),
-                np.where(compute_bound, self.flops_per_logit, np.where(memory_bound, self.act_per_logit, 0.0)),
-                np.where(memory_bound, self.attention_mask, 0.0),
-                np.where(memory_bound, weight_bytes, 0.0),
-            ],
-            axis=1,
-        )
-        features = np.stack([tokens, keys, logits, kv_row, token_share])
+        flop_rate, byte_rate, link_rate = tp * self.peak_flops, tp * self.bandwidth, tp * self.link
+        launch = a.kernel_launch_seconds if total_tokens > 0 else 0.0
+        idle_watts, dynamic_watts, gpus = self.idle_watts, self.dynamic_watts, self.gpus
+        columns: list[list[float]] = [[] for _ in range(6)]  # flops, weight, act, kv, link, seconds
+        energies: list[float] = []
+        coefficients: list[tuple[float, float, float, float, float]] = []
+        seconds_per_feature = [0.0] * 5
+        energy_per_feature = [0.0] * 5
+        orphan_seconds = orphan_energy = 0.0
+        for index, (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches) in enumerate(self._op_rows):
+            if not total_tokens:
+                weight = 0.0  # an empty step reads nothing
+            elif index == self.moe_index:
+                weight = moe_weight_bytes
+            flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
+            activation = a_tok * total_tokens + a_logit * logit_sum
+            kv = kv_sum if index == self._attention_index else 0.0
+            link = l_tok * total_tokens
+            moved = activation + kv + weight
+            compute_seconds, memory_seconds, link_seconds = flops / flop_rate, moved / byte_rate, link / link_rate
+            transfer_seconds = max(memory_seconds, link_seconds)
+            seconds = max(compute_seconds, transfer_seconds) + launches * launch
+            activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * transfer_seconds
+            dynamic_fraction = min(1.0, activity / seconds) if seconds > 0 else 0.0
+            energy = gpus * seconds * (idle_watts + dynamic_watts * dynamic_fraction)
+            # A row's share of the op is its share of the op's binding resource.
+            if compute_seconds >= transfer_seconds:
+                coefficient, total = (f_tok, f_key, f_logit, 0.0, 0.0), flops
+            elif link_seconds > memory_seconds:
+                coefficient, total = (l_tok, 0.0, 0.0, 0.0, 0.0), link
+            else:
+                coefficient, total = (a_tok, 0.0, a_logit, 1.0 if kv else 0.0, weight), moved
+            if total > 0:
+                for feature in range(5):
+                    seconds_per_feature[feature] += seconds / total * coefficient[feature]
+                    energy_per_feature[feature] += energy / total * coefficient[feature]
+            else:
+                orphan_seconds += seconds
+                orphan_energy += energy
+            for column, value in zip(columns, (flops, weight, activation, kv, link, seconds)):
+                column.append(value)
+            energies.append(energy)
+            coefficients.append(coefficient)
 
         return StepCost(
             op_names=self.op_names,
-            op_flops=op_flops,
-            op_weight_bytes=weight_bytes,
-            op_activation_bytes=op_activation,
-            op_kv_cache_bytes=op_kv,
-            op_interconnect_bytes=op_link,
-            op_seconds=op_seconds,
-            op_energy_j=op_energy,
-            op_coefficients=coefficients,
-            row_features=features,
+            op_flops=np.array(columns[0]),
+            op_weight_bytes=np.array(columns[1]),
+            op_activation_bytes=np.array(columns[2]),
+            op_kv_cache_bytes=np.array(columns[3]),
+            op_interconnect_bytes=np.array(columns[4]),
+            op_seconds=np.array(columns[5]),
+            op_energy_j=np.array(energies),
+            op_coefficients=np.array(coefficients),
+            row_features=np.stack([tokens, keys, logits, kv_row, token_share]),
             num_requests=n,
+            seconds_per_feature=np.array(seconds_per_feature),
+            energy_per_feature=np.array(energy_per_feature),
+            orphan_seconds=orphan_seconds,
+            orphan_energy_j=orphan_energy,
         )
 
 
