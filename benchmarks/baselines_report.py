@@ -26,23 +26,11 @@ from typing import Any, Callable, Iterable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmco2_vllm import baselines  # noqa: E402
-from llmco2_vllm.measurements import ASSUMED_PROMPT_TOKENS, load_measurements  # noqa: E402
+from llmco2_vllm.measurements import ASSUMED_PROMPT_TOKENS, load_measurements, model_family  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "baselines.md"
 
-_FAMILIES = (
-    ("codellama", "codellama"), ("codegemma", "gemma"), ("gemma", "gemma"), ("mixtral", "mixtral"),
-    ("mistral", "mistral"), ("llama", "llama"), ("phi-", "phi"), ("starcoder", "starcoder2"),
-    ("qwen", "qwen"), ("dolly", "dolly (gpt-neox)"),
-)
-
-
-def family(model_id: str) -> str:
-    name = model_id.split("/")[-1].lower()
-    for key, label in _FAMILIES:
-        if key in name:
-            return label
-    return "other"
+family = model_family
 
 
 def score(pairs: list[tuple[float, float]]) -> dict[str, float]:

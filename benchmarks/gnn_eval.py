@@ -30,24 +30,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmco2_vllm import baselines  # noqa: E402
-from llmco2_vllm.measurements import load_measurements  # noqa: E402
+from llmco2_vllm.measurements import load_measurements, model_family  # noqa: E402
 from llmco2_vllm.train_gnn import RowDataset, predict_rows, train_ensemble  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("analytic", "llmcarbon", "ecologits", "ecologits_row_gpus")
-_FAMILIES = (  # same mapping as benchmarks/baselines_report.py
-    ("codellama", "codellama"), ("codegemma", "gemma"), ("gemma", "gemma"), ("mixtral", "mixtral"),
-    ("mistral", "mistral"), ("llama", "llama"), ("phi-", "phi"), ("starcoder", "starcoder2"),
-    ("qwen", "qwen"), ("dolly", "dolly (gpt-neox)"),
-)
-
-
-def family(model_id: str) -> str:
-    name = model_id.split("/")[-1].lower()
-    for key, label in _FAMILIES:
-        if key in name:
-            return label
-    return "other"
+family = model_family
 
 
 def metrics(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:

@@ -354,3 +354,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+_FAMILIES = (  # substring of the model id -> family, for leave-one-family-out evaluation
+    ("codellama", "codellama"), ("codegemma", "gemma"), ("gemma", "gemma"), ("mixtral", "mixtral"),
+    ("mistral", "mistral"), ("llama", "llama"), ("phi-", "phi"), ("starcoder", "starcoder2"),
+    ("qwen", "qwen"), ("dolly", "dolly (gpt-neox)"),
+)
+
+
+def model_family(model_id: str) -> str:
+    """The model family of a catalog id (fine-tunes and sizes of one architecture line share one)."""
+    name = model_id.split("/")[-1].lower()
+    for key, label in _FAMILIES:
+        if key in name:
+            return label
+    return "other"
