@@ -157,6 +157,9 @@ class EnginePipeline:
         self.process_pending()
         self.close_window()
         self._publish()
+        close_meter = getattr(self.windows.meter, "close", None)
+        if close_meter is not None:
+            close_meter()  # stops a power-sampling thread and shuts NVML down
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until every recorded step has been processed (tests, demo, shutdown)."""
