@@ -13,7 +13,8 @@ run). Prints a markdown report and writes ``benchmarks/results/step_recording.md
 2. Worker throughput (off the scheduler thread): steady-state decode-heavy steps (running requests
    with 500-2000 tokens of context, a few whole-prompt prefills, requests finishing and replaced)
    are recorded into a real ``EnginePipeline`` and ``process_pending()`` is timed.
-3. Forecast latency: ``AnalyticPredictor.predict_step`` on single-request prefill/decode steps.
+3. Forecast latency: ``AnalyticPredictor.predict_step`` on single-request prefill/decode steps, and a
+   whole request forecast (``forecast_static_batch``, closed form) for random prompt/output lengths.
 
 Everything is seeded, so each run builds the same steps.
 """
@@ -362,24 +363,32 @@ def bench_worker(steps: int, warmup: int) -> list[dict]:
 def bench_forecast(calls: int, warmup: int) -> list[dict]:
     from llmco2_vllm.step_shape import StepShape
 
+    from llmco2_vllm.forecast import forecast_static_batch
+
     predictor = make_pipeline("forecast").predictor
+    rng = random.Random(0)
+    requests = [(rng.randint(1, 2048), rng.randint(1, 1024)) for _ in range(64)]  # (prompt, max output) per request
     cases = [
-        ("prefill, 1 request, 1024 prompt tokens", StepShape.static_batch_prefill(1, 1024)),
-        ("decode, 1 request, 1024 context tokens", StepShape.static_batch_decode(1, 1024)),
-        ("decode, 64 requests, 1024 context tokens", StepShape.static_batch_decode(64, 1024)),
+        ("step: prefill, 1 request, 1024 prompt tokens", lambda i: predictor.predict_step(StepShape.static_batch_prefill(1, 1024))),
+        ("step: decode, 1 request, 1024 context tokens", lambda i: predictor.predict_step(StepShape.static_batch_decode(1, 1024))),
+        ("step: decode, 64 requests, 1024 context", lambda i: predictor.predict_step(StepShape.static_batch_decode(64, 1024))),
+        (
+            "request forecast: prefill + all decode steps, random prompt 1-2048 / output 1-1024",
+            lambda i: forecast_static_batch(predictor, 1, *requests[i % len(requests)]),
+        ),
     ]
     results = []
     clock = time.perf_counter_ns
-    for name, shape in cases:
-        for _ in range(warmup):
-            predictor.predict_step(shape)
+    for name, call in cases:
+        for i in range(warmup):
+            call(i)
         samples = []
         gc.collect()
         gc.disable()
         try:
-            for _ in range(calls):
+            for i in range(calls):
                 t0 = clock()
-                predictor.predict_step(shape)
+                call(i)
                 samples.append(clock() - t0)
         finally:
             gc.enable()
@@ -473,9 +482,12 @@ def render(report: dict) -> str:
         )
     lines += [
         "",
-        "## 3. Forecast latency (`AnalyticPredictor.predict_step`, after warm-up, gc off)",
+        "## 3. Forecast latency (analytic predictor, after warm-up, gc off)",
         "",
-        "| step | calls | p50 (µs) | p99 (µs) |",
+        "A step prediction (`predict_step`, with per-request attribution weights) and a request forecast "
+        "(`forecast_static_batch`: the prefill step plus every decode step, in closed form).",
+        "",
+        "| what | calls | p50 (µs) | p99 (µs) |",
         "|---|---:|---:|---:|",
     ]
     for r in report["forecast"]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .predictor import StepPredictor
+from .predictor import AnalyticPredictor, StepPredictor
 from .step_shape import StepShape
 
 
@@ -43,6 +43,15 @@ def forecast_static_batch(
     """Energy and time of a static batch (see module docstring)."""
     if batch_size < 1 or prompt_tokens < 1 or output_tokens < 1:
         raise ValueError("batch_size, prompt_tokens and output_tokens must each be at least 1")
+    roofline = getattr(predictor, "roofline", None)
+    if isinstance(predictor, AnalyticPredictor) and roofline is not None:
+        # The analytic model has a closed form per step: a few float evaluations, no arrays.
+        prefill_seconds, prefill_j, decode_seconds, decode_j = roofline.static_batch(
+            batch_size, prompt_tokens, output_tokens
+        )
+        return BatchForecast(
+            batch_size, prompt_tokens, output_tokens, prefill_j, decode_j, prefill_seconds, decode_seconds
+        )
     prefill = predictor.predict_step(StepShape.static_batch_prefill(batch_size, prompt_tokens))
     decode_steps = output_tokens - 1
     decode_j = decode_seconds = 0.0

@@ -205,8 +205,110 @@ class Roofline:
         self.idle_watts = gpu.idle_watts_or_default()
         self.dynamic_watts = max(gpu.tdp_watts - self.idle_watts, 0.0)
 
+    def _moe_weight_bytes(self, total_tokens: float) -> float:
+        """Expert weights a step reads: the expected distinct experts its tokens route to (uniform routing)."""
+        model = self.model
+        if self.moe_index < 0 or not total_tokens:
+            return 0.0
+        experts, k = model.num_experts, model.experts_per_token
+        touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens)
+        return (
+            (touched * model.expert_params + model.shared_expert_params_per_layer)
+            * model.weight_bytes_per_param
+            * model.num_moe_layers
+        )
+
+    def _op_cost(
+        self, index: int, row: tuple, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float, moe_bytes: float
+    ) -> tuple[float, ...]:
+        """One operator's totals, roofline times, seconds and energy for a step with these sums."""
+        f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches = row
+        a, tp = self.assumptions, self.tensor_parallel
+        if not total_tokens:
+            weight = 0.0  # an empty step reads nothing
+        elif index == self.moe_index:
+            weight = moe_bytes
+        flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
+        activation = a_tok * total_tokens + a_logit * logit_sum
+        kv = kv_sum if index == self._attention_index else 0.0
+        link = l_tok * total_tokens
+        compute_seconds = flops / (tp * self.peak_flops)
+        memory_seconds = (activation + kv + weight) / (tp * self.bandwidth)
+        link_seconds = link / (tp * self.link)
+        transfer_seconds = max(memory_seconds, link_seconds)
+        seconds = max(compute_seconds, transfer_seconds) + (launches * a.kernel_launch_seconds if total_tokens else 0.0)
+        activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * transfer_seconds
+        dynamic_fraction = min(1.0, activity / seconds) if seconds > 0 else 0.0
+        energy = self.gpus * seconds * (self.idle_watts + self.dynamic_watts * dynamic_fraction)
+        return flops, weight, activation, kv, link, compute_seconds, memory_seconds, link_seconds, seconds, energy
+
+    def step_totals(self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float) -> tuple[float, float]:
+        """(seconds, energy_j) of a step from its sums alone: no per-row split, plain floats (fast)."""
+        moe_bytes = self._moe_weight_bytes(total_tokens)
+        seconds = energy = 0.0
+        for index, row in enumerate(self._op_rows):
+            cost = self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, moe_bytes)
+            seconds += cost[8]
+            energy += cost[9]
+        return seconds, energy
+
+    def _attended(self, context: float, tokens: float) -> tuple[float, float]:
+        """(keys attended, K/V tokens read) per request over all layers, for ``tokens`` new tokens after ``context``."""
+        model = self.model
+        sliding = model.num_sliding_window_layers
+        full = model.num_layers - sliding
+        keys = full * (tokens * context + tokens * (tokens + 1) / 2)
+        kv_read = full * (context + tokens)
+        if sliding:
+            window = float(model.sliding_window or 0)
+
+            def up_to(n: float) -> float:
+                return n * (n + 1) / 2 if n <= window else window * (window + 1) / 2 + window * (n - window)
+
+            keys += sliding * (up_to(context + tokens) - up_to(context))
+            kv_read += sliding * min(context + tokens, window + tokens - 1)
+        return keys, kv_read
+
+    def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
+        """(prefill_seconds, prefill_j, decode_seconds, decode_j) of a static batch, in a few float evaluations.
+
+        Decode step cost is piecewise linear in the context (affine terms inside max/min); the sum
+        over the O-1 decode steps uses the trapezoid rule between the end contexts, split at the
+        sliding-window edge where the key count stops growing. Exact where no operator changes its
+        binding resource inside the range; tests bound the error elsewhere against step-by-step sums.
+        """
+        kv_bytes = self.model.kv_cache_bytes_per_token_per_layer
+        layers = self.model.num_layers
+        b = float(batch_size)
+        keys, kv_read = self._attended(0.0, float(prompt_tokens))
+        prefill_seconds, prefill_j = self.step_totals(
+            b * prompt_tokens, b * keys, b, b * (kv_read + layers * prompt_tokens) * kv_bytes
+        )
+
+        def decode_step(context: float) -> tuple[float, float]:
+            keys, kv_read = self._attended(context, 1.0)
+            return self.step_totals(b, b * keys, b, b * (kv_read + layers) * kv_bytes)
+
+        steps = output_tokens - 1
+        if steps <= 0:
+            return prefill_seconds, prefill_j, 0.0, 0.0
+        first, last = float(prompt_tokens), float(prompt_tokens + steps - 1)
+        edges = [first]
+        if self.model.num_sliding_window_layers and self.model.sliding_window:
+            edge = float(self.model.sliding_window - 1)  # last context whose query still sees every key
+            if first < edge < last:
+                edges += [edge, edge + 1]
+        edges.append(last)
+        decode_seconds = decode_j = 0.0
+        for start, end in zip(edges[0::2], edges[1::2]):
+            count = end - start + 1
+            (s0, e0), (s1, e1) = decode_step(start), decode_step(end)
+            decode_seconds += count * (s0 + s1) / 2
+            decode_j += count * (e0 + e1) / 2
+        return prefill_seconds, prefill_j, decode_seconds, decode_j
+
     def cost(self, step: StepShape) -> StepCost:
-        model, a = self.model, self.assumptions
+        model = self.model
         n = step.num_requests
         prefill, decode = step.prefill_tokens, step.decode_tokens
         tokens = np.concatenate([prefill, decode]).astype(np.float64)
@@ -228,43 +330,21 @@ class Roofline:
         token_share = tokens / total_tokens if total_tokens else np.zeros_like(tokens)
         key_sum, logit_sum, kv_sum = float(keys.sum()), float(logits.sum()), float(kv_row.sum())
 
-        moe_weight_bytes = 0.0
-        if self.moe_index >= 0 and total_tokens:
-            experts, k = model.num_experts, model.experts_per_token
-            # Expected number of distinct experts the step's tokens route to (uniform routing).
-            touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens)
-            moe_weight_bytes = (
-                (touched * model.expert_params + model.shared_expert_params_per_layer)
-                * model.weight_bytes_per_param
-                * model.num_moe_layers
-            )
+        moe_weight_bytes = self._moe_weight_bytes(total_tokens)
 
-        tp = self.tensor_parallel
-        flop_rate, byte_rate, link_rate = tp * self.peak_flops, tp * self.bandwidth, tp * self.link
-        launch = a.kernel_launch_seconds if total_tokens > 0 else 0.0
-        idle_watts, dynamic_watts, gpus = self.idle_watts, self.dynamic_watts, self.gpus
         columns: list[list[float]] = [[] for _ in range(6)]  # flops, weight, act, kv, link, seconds
         energies: list[float] = []
         coefficients: list[tuple[float, float, float, float, float]] = []
         seconds_per_feature = [0.0] * 5
         energy_per_feature = [0.0] * 5
         orphan_seconds = orphan_energy = 0.0
-        for index, (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches) in enumerate(self._op_rows):
-            if not total_tokens:
-                weight = 0.0  # an empty step reads nothing
-            elif index == self.moe_index:
-                weight = moe_weight_bytes
-            flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
-            activation = a_tok * total_tokens + a_logit * logit_sum
-            kv = kv_sum if index == self._attention_index else 0.0
-            link = l_tok * total_tokens
+        for index, row in enumerate(self._op_rows):
+            f_tok, f_key, f_logit, _, a_tok, a_logit, l_tok, _ = row
+            flops, weight, activation, kv, link, compute_seconds, memory_seconds, link_seconds, seconds, energy = (
+                self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, moe_weight_bytes)
+            )
             moved = activation + kv + weight
-            compute_seconds, memory_seconds, link_seconds = flops / flop_rate, moved / byte_rate, link / link_rate
             transfer_seconds = max(memory_seconds, link_seconds)
-            seconds = max(compute_seconds, transfer_seconds) + launches * launch
-            activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * transfer_seconds
-            dynamic_fraction = min(1.0, activity / seconds) if seconds > 0 else 0.0
-            energy = gpus * seconds * (idle_watts + dynamic_watts * dynamic_fraction)
             # A row's share of the op is its share of the op's binding resource.
             if compute_seconds >= transfer_seconds:
                 coefficient, total = (f_tok, f_key, f_logit, 0.0, 0.0), flops
