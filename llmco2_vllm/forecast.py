@@ -2,8 +2,9 @@
 
 A static batch of B requests, each with P prompt tokens and O generated tokens, runs one prefill
 step (which also yields the first output token) and O-1 decode steps whose KV context grows from P
-to P+O-2. Decode cost is nearly linear in context, so it is evaluated at up to ``samples`` evenly
-spaced contexts and integrated with the trapezoid rule (exact for linear cost), as LLMCO2 does.
+to P+O-2. The analytic predictor sums them in closed form (``Roofline.static_batch``); for any other
+predictor, decode cost is evaluated at up to ``samples`` evenly spaced contexts and integrated with
+the trapezoid rule (exact for linear cost), as LLMCO2 does.
 """
 
 from __future__ import annotations
