@@ -47,6 +47,10 @@ class RequestEnergy:
     # predicted values until a calibration has been learned or loaded).
     calibrated_prefill_energy_j: float = 0.0
     calibrated_decode_energy_j: float = 0.0
+    # Carbon: calibrated energy x PUE x the grid intensity at each step, and the step's embodied
+    # carbon shared like its energy.
+    operational_grams: float = 0.0
+    embodied_grams: float = 0.0
 
     @property
     def energy_j(self) -> float:
@@ -55,6 +59,11 @@ class RequestEnergy:
     @property
     def calibrated_energy_j(self) -> float:
         return self.calibrated_prefill_energy_j + self.calibrated_decode_energy_j
+
+    @property
+    def grams_co2e(self) -> float:
+        """Software Carbon Intensity numerator for this request: operational + embodied."""
+        return self.operational_grams + self.embodied_grams
 
 
 class RequestLedger:
@@ -88,8 +97,16 @@ class RequestLedger:
         decode_j: np.ndarray,
         prefill_scale: float = 1.0,
         decode_scale: float = 1.0,
+        grams_per_joule: float = 0.0,
+        embodied_grams: float = 0.0,
     ) -> None:
-        """Add one step's attributed energy; the scales are the calibration's per-phase factors."""
+        """Add one step's attributed energy; the scales are the calibration's per-phase factors.
+
+        ``grams_per_joule`` converts calibrated energy to operational carbon; ``embodied_grams``, the
+        step's embodied carbon, is shared in proportion to each request's energy in the step.
+        """
+        step_energy_j = float(prefill_j.sum() + decode_j.sum())
+        embodied_per_joule = embodied_grams / step_energy_j if step_energy_j > 0 else 0.0
         rows = zip(
             step.request_ids,
             prefill_j.tolist(),
@@ -101,8 +118,12 @@ class RequestLedger:
             entry = self._entry(request_id)
             entry.prefill_energy_j += prefill
             entry.decode_energy_j += decode
-            entry.calibrated_prefill_energy_j += prefill * prefill_scale
-            entry.calibrated_decode_energy_j += decode * decode_scale
+            calibrated_prefill = prefill * prefill_scale
+            calibrated_decode = decode * decode_scale
+            entry.calibrated_prefill_energy_j += calibrated_prefill
+            entry.calibrated_decode_energy_j += calibrated_decode
+            entry.operational_grams += (calibrated_prefill + calibrated_decode) * grams_per_joule
+            entry.embodied_grams += (prefill + decode) * embodied_per_joule
             entry.prefill_tokens += prefill_tokens
             entry.decode_tokens += decode_tokens
             entry.steps += 1

@@ -3,6 +3,7 @@
     llmco2 predict --model meta-llama/Llama-3.1-8B-Instruct --gpu H100 --batch-size 8 \\
         --prompt-tokens 512 --output-tokens 256 [--region FR] [--json]
     llmco2 gpus | regions | models [--json]
+    llmco2 train [--out CKPT] | llmco2 eval [--out DIR] [--quick] [--json]
 
 Exit status: 0 on success, 2 on bad input (with the reason on stderr).
 """
@@ -39,6 +40,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=40, help="epochs per member (default 40)")
     parser.add_argument("--samples", type=int, default=4, help="decode contexts sampled per row (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `llmco2 eval` / `python -m llmco2_vllm.evaluation`."""
+    parser.add_argument("--out", default="benchmarks/results", help="folder for gnn_eval.md and the PNGs")
+    parser.add_argument("--members", type=_positive_int, default=2, help="ensemble members per CV fold (default 2)")
+    parser.add_argument("--epochs", type=_positive_int, default=25, help="epochs per member per fold (default 25)")
+    parser.add_argument("--samples", type=_positive_int, default=4, help="decode contexts sampled per row (default 4)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (1 member x 3 epochs): checks the pipeline, measures nothing")
+    parser.add_argument("--json", action="store_true", help="print the headline numbers as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="cross-validate the GNN against the baselines on the real measured rows (markdown + PNG report)",
+        description="Leave-one-GPU-type-out and leave-one-model-family-out cross-validation of the GNN on the "
+        "packaged real measurements, beside the analytic, LLMCarbon-style and EcoLogits baselines on the same rows; "
+        "writes gnn_eval.md, gnn_eval_scatter.png and gnn_eval_cdf.png into --out (a few CPU minutes).",
+    )
+    add_eval_arguments(evaluate)
+
     collect = commands.add_parser(
         "collect",
         help="measure per-step time and energy on this machine's NVIDIA GPU (training/calibration data)",
@@ -116,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .train_gnn import run as run_train
 
             return run_train(args)
+        if args.command == "eval":
+            from .evaluation import run as run_eval
+
+            return run_eval(args)
         if args.command == "collect":
             from .collect import run as run_collect
 

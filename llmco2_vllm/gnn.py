@@ -18,12 +18,14 @@ plus a JSON sidecar with the same stem holding the configuration and metadata.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
+
 
 import torch
 from torch import nn
@@ -93,6 +95,20 @@ class GnnEnsemble(nn.Module):
         # log(measured / predicted) quantiles on the training rows (5 %, 95 %): widen the interval.
         self.residual_quantiles = (0.0, 0.0)
         self.metadata: dict[str, Any] = dict(metadata or {})
+        # Hardware signatures of the training rows' GPUs, and the factor on the log correction for a
+        # GPU outside them (chosen by leave-one-GPU-type-out CV on the training rows; 1 = no shrinkage).
+        self.training_hardware: list[list[float]] = []
+        self.unseen_hardware_scale = 1.0
+        # log(measured / predicted) 5 % / 95 % quantiles of that CV at that scale: the interval on unseen GPUs.
+        self.unseen_residual_quantiles = (0.0, 0.0)
+
+    def knows(self, gpu) -> bool:
+        """Whether ``gpu``'s datasheet matches a training GPU (True when the checkpoint records none)."""
+        return not self.training_hardware or is_known_hardware(hardware_signature(gpu), self.training_hardware)
+
+    def correction_scale(self, gpu) -> float:
+        """1 for a GPU whose datasheet matches a training GPU, else ``unseen_hardware_scale``."""
+        return 1.0 if self.knows(gpu) else self.unseen_hardware_scale
 
     def forward(self, x, edge_index, batch, u) -> torch.Tensor:
         """(members, graphs, 2) log corrections."""
@@ -105,10 +121,12 @@ class GnnEnsemble(nn.Module):
         b = graphs if isinstance(graphs, Batch) else Batch.from_data_list(list(graphs))
         return self(b.x, b.edge_index, b.batch, b.u)
 
-    def interval(self, member_logs: torch.Tensor) -> tuple[float, float]:
-        """Low/high log factors from the members' spread, widened by the training residual quantiles."""
-        lo = float(torch.quantile(member_logs, 0.1)) + self.residual_quantiles[0]
-        hi = float(torch.quantile(member_logs, 0.9)) + self.residual_quantiles[1]
+    def interval(self, member_logs: torch.Tensor, unseen_hardware: bool = False) -> tuple[float, float]:
+        """Low/high log factors from the members' spread, widened by the training residual quantiles
+        (on an unseen GPU: by the held-out-GPU residual quantiles of the CV that chose the scale)."""
+        widen = self.unseen_residual_quantiles if unseen_hardware else self.residual_quantiles
+        lo = float(torch.quantile(member_logs, 0.1)) + min(widen[0], 0.0)
+        hi = float(torch.quantile(member_logs, 0.9)) + max(widen[1], 0.0)
         return lo, hi
 
     # ---- persistence -------------------------------------------------------------------------
@@ -119,7 +137,9 @@ class GnnEnsemble(nn.Module):
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
         save_file(tensors, str(path))
         sidecar = {"format": "llmco2-gnn-v1", "config": self.config,
-                   "residual_quantiles": list(self.residual_quantiles), "metadata": self.metadata}
+                   "residual_quantiles": list(self.residual_quantiles), "metadata": self.metadata,
+                   "training_hardware": self.training_hardware, "unseen_hardware_scale": self.unseen_hardware_scale,
+                   "unseen_residual_quantiles": list(self.unseen_residual_quantiles)}
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
@@ -136,8 +156,78 @@ class GnnEnsemble(nn.Module):
         ensemble = cls(config["members"], config["hidden"], config["layers"], sidecar.get("metadata"))
         ensemble.load_state_dict(load_file(str(path)), strict=True)
         ensemble.residual_quantiles = tuple(float(v) for v in sidecar["residual_quantiles"])
+        ensemble.training_hardware = [[float(v) for v in k] for k in sidecar.get("training_hardware", [])]
+        scale = float(sidecar.get("unseen_hardware_scale", 1.0))
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"{path}: unseen_hardware_scale {scale} is outside [0, 1]")
+        ensemble.unseen_hardware_scale = scale
+        ensemble.unseen_residual_quantiles = tuple(float(v) for v in sidecar.get("unseen_residual_quantiles", (0.0, 0.0)))
         ensemble.eval()
         return ensemble
+
+
+#: Relative tolerance within which two GPUs' datasheet features count as the same hardware.
+HARDWARE_MATCH_RTOL = 0.02
+
+
+def hardware_signature(gpu) -> list[float]:
+    """Datasheet features that identify a GPU *design* for the seen/unseen test (not a model input):
+    bf16 dense peak FLOP/s, memory bandwidth, memory bytes, TDP."""
+    return [float(gpu.peak_flops("bf16")), float(gpu.memory_bandwidth_bytes_per_second), float(gpu.memory_bytes),
+            float(gpu.tdp_watts)]
+
+
+def is_known_hardware(signature: Sequence[float], known: Sequence[Sequence[float]]) -> bool:
+    """True when ``signature`` matches one of ``known`` within ``HARDWARE_MATCH_RTOL`` on every feature."""
+    return any(all(abs(a - b) <= HARDWARE_MATCH_RTOL * max(abs(a), abs(b), 1e-30) for a, b in zip(signature, k))
+               for k in known)
+
+
+#: Load-time grid the GNN is evaluated on to distil its correction into a closed form (request forecasts).
+DISTIL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DISTIL_PREFILL_TOKENS = (16, 64, 256, 1024, 4096, 16384)
+DISTIL_DECODE_CONTEXTS = (16, 64, 256, 1024, 4096, 16384, 65536)
+
+
+class DistilledCorrection:
+    """The ensemble's mean log correction of ONE (model, hardware), tabulated for the fast path.
+
+    At load time the GNN is evaluated once (one batched forward) on the static-batch grid above
+    (prefill: batch x prompt tokens; decode: batch x context); a forecast interpolates the table
+    bilinearly in (ln batch, ln tokens). Inputs outside the grid are clamped to its edge (no
+    extrapolation). Evaluation is a few float operations, so a request forecast costs the
+    analytic closed form plus a few µs. Its agreement with the full GNN is measured in
+    ``benchmarks/gnn_forecast_speed.py``.
+    """
+
+    def __init__(self, ensemble: GnnEnsemble, builder: StepGraphBuilder, scale: float = 1.0) -> None:
+        prefill = [StepShape.static_batch_prefill(b, t) for b in DISTIL_BATCH_SIZES for t in DISTIL_PREFILL_TOKENS]
+        decode = [StepShape.static_batch_decode(b, t) for b in DISTIL_BATCH_SIZES for t in DISTIL_DECODE_CONTEXTS]
+        logs = scale * ensemble.log_factors([builder.build(step)[0] for step in prefill + decode]).mean(0).double().numpy()
+        self.log_batch = [math.log(b) for b in DISTIL_BATCH_SIZES]
+        self.log_tokens = ([math.log(t) for t in DISTIL_PREFILL_TOKENS], [math.log(t) for t in DISTIL_DECODE_CONTEXTS])
+        shape = (len(DISTIL_BATCH_SIZES), len(DISTIL_PREFILL_TOKENS))
+        self.tables = (
+            logs[: len(prefill), 0].reshape(shape).tolist(),
+            logs[len(prefill):, 1].reshape(len(DISTIL_BATCH_SIZES), len(DISTIL_DECODE_CONTEXTS)).tolist(),
+        )
+
+    @staticmethod
+    def _locate(grid: list[float], value: float) -> tuple[int, float]:
+        """(cell index, position 0..1 inside the cell) of ``value`` clamped to the grid."""
+        if value <= grid[0]:
+            return 0, 0.0
+        if value >= grid[-1]:
+            return len(grid) - 2, 1.0
+        i = bisect.bisect_right(grid, value) - 1
+        return i, (value - grid[i]) / (grid[i + 1] - grid[i])
+
+    def log_factor(self, phase: int, batch_size: float, tokens: float) -> float:
+        """Log correction of the prefill (phase 0; tokens = prompt tokens) or decode (1; tokens = context)."""
+        i, a = self._locate(self.log_batch, math.log(max(batch_size, 1.0)))
+        j, b = self._locate(self.log_tokens[phase], math.log(max(tokens, 1.0)))
+        t = self.tables[phase]
+        return (1 - a) * ((1 - b) * t[i][j] + b * t[i][j + 1]) + a * ((1 - b) * t[i + 1][j] + b * t[i + 1][j + 1])
 
 
 def default_checkpoint_path() -> Path:
@@ -147,8 +237,11 @@ def default_checkpoint_path() -> Path:
 class GnnPredictor:
     """``StepPredictor`` ("gnn"): analytic per-request weights, GNN-corrected phase totals.
 
-    Falls back to the analytic predictor, with a warning, when the model cannot be expressed as an
-    operator graph (``UnsupportedGraphError``) or no checkpoint can be loaded.
+    Never raises for a model it cannot handle: when the model cannot be expressed as an operator
+    graph (``UnsupportedGraphError``), the checkpoint cannot be loaded, or building/evaluating a
+    step's graph fails later, it predicts with the analytic model instead. Each predictor warns
+    ONCE (``RuntimeWarning``; the first reason); ``fallback_reason`` keeps it and
+    ``fallback_steps`` counts the steps predicted analytically after a per-step failure.
     """
 
     name = "gnn"
@@ -159,12 +252,18 @@ class GnnPredictor:
         hardware: Hardware,
         pipeline_parallel: int = 1,
         checkpoint: str | Path | GnnEnsemble | None = None,
+        distil: bool = True,
     ) -> None:
         self.model, self.hardware, self.pipeline_parallel = model, hardware, pipeline_parallel
         self.analytic = AnalyticPredictor(model, hardware, pipeline_parallel)
         self.builder: StepGraphBuilder | None = None
         self.ensemble: GnnEnsemble | None = None
+        self.distilled: DistilledCorrection | None = None
+        # < 1 on a GPU the checkpoint was not trained on: the correction shrinks toward the analytic model.
+        self.correction_scale = 1.0
+        self.unseen_hardware = False
         self.fallback_reason = ""
+        self.fallback_steps = 0
         try:
             self.builder = StepGraphBuilder(model, hardware, pipeline_parallel)
             if isinstance(checkpoint, GnnEnsemble):
@@ -172,21 +271,44 @@ class GnnPredictor:
             else:
                 self.ensemble = GnnEnsemble.load(checkpoint or default_checkpoint_path())
             self.ensemble.eval()
-        except (UnsupportedGraphError, OSError, ValueError) as error:
-            self.builder, self.ensemble = None, None
-            self.fallback_reason = str(error)
-            warnings.warn(f"GnnPredictor: falling back to the analytic predictor: {error}", RuntimeWarning, stacklevel=2)
+            self.unseen_hardware = not self.ensemble.knows(hardware.gpu)
+            self.correction_scale = self.ensemble.correction_scale(hardware.gpu)
+            self.distilled = DistilledCorrection(self.ensemble, self.builder, self.correction_scale) if distil else None
+        except Exception as error:  # noqa: BLE001 - any failure here means "use the analytic model"
+            self.builder, self.ensemble, self.distilled = None, None, None
+            self._warn_once(f"{type(error).__name__}: {error}")
+
+    def _warn_once(self, reason: str) -> None:
+        if self.fallback_reason:
+            return
+        self.fallback_reason = reason
+        warnings.warn(f"GnnPredictor ({self.model.name}): falling back to the analytic predictor: {reason}",
+                      RuntimeWarning, stacklevel=3)
 
     @property
     def is_fallback(self) -> bool:
         return self.ensemble is None
+
+    def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
+        """(prefill_seconds, prefill_j, decode_seconds, decode_j) of a static batch: the fast path.
+
+        The analytic closed form (``Roofline.static_batch``) times the distilled GNN correction of
+        each phase; decode uses the correction at the mean context of the O-1 decode steps. Same
+        signature as ``Roofline.static_batch``. Without a GNN (fallback) it is the analytic value.
+        """
+        prefill_s, prefill_j, decode_s, decode_j = self.analytic.roofline.static_batch(batch_size, prompt_tokens, output_tokens)
+        if self.distilled is None:
+            return prefill_s, prefill_j, decode_s, decode_j
+        fp = math.exp(self.distilled.log_factor(0, batch_size, prompt_tokens))
+        fd = math.exp(self.distilled.log_factor(1, batch_size, prompt_tokens + (output_tokens - 2) / 2))
+        return prefill_s * fp, prefill_j * fp, decode_s * fd, decode_j * fd
 
     def _member_logs(self, step: StepShape) -> tuple[torch.Tensor, StepPrediction]:
         assert self.builder is not None and self.ensemble is not None
         graph, analytic = self.builder.build(step)
         with torch.no_grad():
             logs = self.ensemble(graph.x, graph.edge_index, torch.zeros(graph.num_nodes, dtype=torch.long), graph.u)
-        return logs[:, 0, :], analytic
+        return logs[:, 0, :] * self.correction_scale, analytic
 
     def predict_step(self, step: StepShape) -> StepPrediction:
         return self.predict_step_interval(step)[0]
@@ -196,7 +318,13 @@ class GnnPredictor:
         if self.ensemble is None or step.total_prefill_tokens + step.total_decode_tokens == 0:
             pred = self.analytic.predict_step(step)
             return pred, pred.energy_j, pred.energy_j
-        logs, a = self._member_logs(step)
+        try:
+            logs, a = self._member_logs(step)
+        except Exception as error:  # noqa: BLE001 - a step the graph cannot take is predicted analytically
+            self.fallback_steps += 1
+            self._warn_once(f"step graph failed ({type(error).__name__}: {error})")
+            pred = self.analytic.predict_step(step)
+            return pred, pred.energy_j, pred.energy_j
         fp, fd = (math.exp(float(v)) for v in logs.mean(0))
         pred = StepPrediction(
             prefill_seconds=a.prefill_seconds * fp,
@@ -208,8 +336,8 @@ class GnnPredictor:
         )
         # Interval on the step total: per member, total = analytic_p e^{o_p} + analytic_d e^{o_d}.
         totals = a.prefill_energy_j * torch.exp(logs[:, 0]) + a.decode_energy_j * torch.exp(logs[:, 1])
-        lo, hi = self.ensemble.interval(torch.log(totals / max(pred.energy_j, 1e-30)))
+        lo, hi = self.ensemble.interval(torch.log(totals / max(pred.energy_j, 1e-30)), self.unseen_hardware)
         return pred, pred.energy_j * math.exp(lo), pred.energy_j * math.exp(hi)
 
 
-__all__ = ["GnnEnsemble", "GnnPredictor", "StepGNN", "default_checkpoint_path", "prediction_from_cost"]
+__all__ = ["DistilledCorrection", "GnnEnsemble", "hardware_signature", "is_known_hardware", "GnnPredictor", "StepGNN", "default_checkpoint_path", "prediction_from_cost"]

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 PHASES = ("prefill", "decode")
 ENERGY_PHASES = ("prefill", "decode", "idle")
 TOKEN_PHASES = ("prefill", "decode", "cached")
-ERROR_STAGES = ("capture", "predict", "attribute", "calibrate", "export")
+ERROR_STAGES = ("capture", "predict", "attribute", "calibrate", "carbon", "export")
 
 # Per-request energy spans a tiny CPU test model to long generations of large models.
 REQUEST_ENERGY_BUCKETS_J = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -44,6 +44,7 @@ class PluginMetrics:
         self.registry = registry
         self._labels = {"model_name": model_name, "engine": engine}
         self._children: dict[tuple, object] = {}
+        self._intensity_labels: tuple[str, str] | None = None
         self.energy = Counter(
             "llmco2_energy_joules",
             "Energy of inference on the engine's GPUs, by phase and source (predicted, later measured/calibrated).",
@@ -54,6 +55,12 @@ class PluginMetrics:
             "llmco2_carbon_grams",
             "Operational carbon (energy x PUE x grid intensity), grams CO2e, by phase and energy source.",
             base + ["phase", "source"],
+            registry=registry,
+        )
+        self.embodied_carbon = Counter(
+            "llmco2_embodied_carbon_grams",
+            "Embodied carbon of the engine's GPUs amortised over their lifetime, grams CO2e, by phase (idle = between steps).",
+            base + ["phase"],
             registry=registry,
         )
         self.tokens = Counter(
@@ -82,7 +89,7 @@ class PluginMetrics:
         )
         self.request_carbon = Histogram(
             "llmco2_request_carbon_grams",
-            "Operational carbon per finished request, grams CO2e.",
+            "Carbon per finished request, grams CO2e: operational (calibrated energy) + embodied.",
             base,
             buckets=REQUEST_CARBON_BUCKETS_G,
             registry=registry,
@@ -122,6 +129,19 @@ class PluginMetrics:
             base + ["region", "kind"],
             registry=registry,
             multiprocess_mode="mostrecent",
+        )
+        self.grid_intensity_age = Gauge(
+            "llmco2_grid_intensity_age_seconds",
+            "Age of the grid intensity value in use (0 for static values; grows while a live provider is down).",
+            base,
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.grid_intensity_errors = Counter(
+            "llmco2_grid_intensity_errors",
+            "Failed reads of the grid intensity provider (the last good or the static value stays in use).",
+            base,
+            registry=registry,
         )
         self.pue = Gauge("llmco2_pue", "Power usage effectiveness in use.", base, registry=registry, multiprocess_mode="mostrecent")
         self.measurement_available = Gauge(
@@ -175,10 +195,29 @@ class PluginMetrics:
             self.tokens.labels(**labels, phase=phase)
         for stage in ERROR_STAGES:
             self.errors.labels(**labels, stage=stage)
-        for metric in (self.steps, self.step_wall_seconds, self.requests, self.dropped_steps, self.evicted_requests):
+        for phase in ENERGY_PHASES:
+            self.embodied_carbon.labels(**labels, phase=phase)
+        for metric in (
+            self.steps,
+            self.step_wall_seconds,
+            self.requests,
+            self.dropped_steps,
+            self.evicted_requests,
+            self.grid_intensity_errors,
+        ):
             metric.labels(**labels)
         self.request_energy.labels(**labels)
         self.request_carbon.labels(**labels)
+
+    def set_grid_intensity(self, region: str, kind: str, grams_co2e_per_kwh: float) -> None:
+        """Export the intensity in use; a change of region or kind replaces the series (one value in force)."""
+        current = (region, kind)
+        previous = self._intensity_labels
+        if previous is not None and previous != current:
+            self.grid_intensity.remove(self._labels["model_name"], self._labels["engine"], *previous)
+            self._children.pop((id(self.grid_intensity), (("region", previous[0]), ("kind", previous[1]))), None)
+        self._intensity_labels = current
+        self.labels(self.grid_intensity, region=region, kind=kind).set(grams_co2e_per_kwh)
 
     def labels(self, metric, **extra: str):
         """The metric's child for this engine's labels plus ``extra`` (cached: the worker calls this per step)."""
@@ -187,6 +226,66 @@ class PluginMetrics:
         if child is None:
             child = self._children[key] = metric.labels(**self._labels, **extra)
         return child
+
+
+class AdmissionMetrics:
+    """Admission-control metrics of one API server process, on prometheus_client's default registry.
+
+    vLLM serves that registry on ``/metrics`` (several API servers: through its multiprocess
+    directory, so counters add up and gauges take the most recent value).
+    """
+
+    _instance: "AdmissionMetrics | None" = None
+
+    def __init__(self, model_name: str, budget_grams: float, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY if registry is None else registry
+        self.decisions = Counter(
+            "llmco2_admission_decisions",
+            "Admission decisions: admitted, rejected, deferred (a deferred request is later admitted or rejected too), "
+            "by the policy that decided (none, cap, budget, intensity, error).",
+            ["model_name", "decision", "policy"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "llmco2_admission_errors", "Failures inside admission control (fail-open unless configured fail-closed).",
+            ["model_name"], registry=registry,
+        ).labels(model_name=model_name)
+        self.waiting = Gauge(
+            "llmco2_admission_waiting_requests", "Deferrable requests waiting now.", ["model_name"],
+            registry=registry, multiprocess_mode="livesum",
+        ).labels(model_name=model_name)
+        self.spent = Gauge(
+            "llmco2_carbon_budget_spent_grams",
+            "Carbon of the requests admitted in the budget window (actual when finished, forecast while running), grams CO2e.",
+            ["model_name"], registry=registry, multiprocess_mode="mostrecent",
+        ).labels(model_name=model_name)
+        self.model_name = model_name
+        if budget_grams > 0:
+            Gauge(
+                "llmco2_carbon_budget_grams", "Configured rolling carbon budget per window, grams CO2e.", ["model_name"],
+                registry=registry, multiprocess_mode="mostrecent",
+            ).labels(model_name=model_name).set(budget_grams)
+        for decision, policy in (
+            ("admitted", "none"), ("admitted", "intensity"), ("admitted", "budget"), ("admitted", "error"),
+            ("rejected", "cap"), ("rejected", "budget"), ("rejected", "error"),
+            ("deferred", "budget"), ("deferred", "intensity"),
+        ):
+            self.decisions.labels(model_name=model_name, decision=decision, policy=policy)
+
+    @classmethod
+    def for_model(cls, model_name: str, budget_grams: float) -> "AdmissionMetrics":
+        """One instance per process: registering a metric name twice fails."""
+        if cls._instance is None:
+            cls._instance = cls(model_name, budget_grams)
+        return cls._instance
+
+    def decision(self, decision: str, policy: str) -> None:
+        self.decisions.labels(model_name=self.model_name, decision=decision, policy=policy).inc()
+
+    def set_spent(self, grams: float) -> None:
+        self.spent.set(grams)
 
 
 class SnapshotWriter:

@@ -19,11 +19,13 @@ from prometheus_client import CollectorRegistry
 from .attribution import RequestEnergy, RequestLedger, split_step_energy
 from .calibration import OnlineCalibrator
 from .capture import StepRecord, StepRecorder, StepShapeBuilder
-from .carbon import GridIntensity, operational_grams_co2e
+from .carbon import JOULES_PER_KWH, EmbodiedCarbon, GridIntensity
 from .energy_windows import Meter, WindowAccountant
 from .hardware import Hardware
 from .metrics import ENERGY_PHASES, PHASES, PluginMetrics, SnapshotWriter
+from .grid_intensity import IntensityProvider, StaticIntensity
 from .predictor import StepPredictor
+from .request_results import RequestActual, RequestResultStore, actual_from_energy
 from .settings import Settings
 
 logger = logging.getLogger("llmco2_vllm")
@@ -61,6 +63,8 @@ class RequestLog:
             "decode_energy_j": energy.decode_energy_j,
             "energy_j": energy.energy_j,
             "calibrated_energy_j": energy.calibrated_energy_j,
+            "operational_grams_co2e": energy.operational_grams,
+            "embodied_grams_co2e": energy.embodied_grams,
             "carbon_grams": finished.carbon_grams,
             **self.context,
         }
@@ -76,16 +80,23 @@ class EnginePipeline:
         settings: Settings,
         predictor: StepPredictor,
         hardware: Hardware,
-        intensity: GridIntensity,
+        intensity: GridIntensity | IntensityProvider,
         model_name: str,
         engine: str = "0",
         snapshot_path: Path | None = None,
         meter: Meter | None = None,
         calibrator: OnlineCalibrator | None = None,
+        embodied: EmbodiedCarbon | None = None,
+        store: RequestResultStore | None = None,
     ) -> None:
         self.settings = settings
         self.predictor = predictor
-        self.intensity = intensity
+        self.engine = engine
+        self.intensity = intensity if hasattr(intensity, "current") else StaticIntensity(intensity)  # type: ignore[arg-type]
+        self.embodied_grams_per_second = hardware.num_gpus * (embodied.grams_per_gpu_second if embodied else 0.0)
+        self.store = store
+        self._pending_actuals: list[RequestActual] = []
+        self._next_cleanup = 0.0
         self.recorder = StepRecorder(settings.queue_capacity)
         self.builder = StepShapeBuilder()
         self.ledger = RequestLedger(settings.max_tracked_requests)
@@ -101,8 +112,6 @@ class EnginePipeline:
                     "num_gpus": hardware.num_gpus,
                     "hardware_source": hardware.source,
                     "predictor": predictor.name,
-                    "region": intensity.region,
-                    "grid_intensity": intensity.grams_co2e_per_kwh,
                     "pue": settings.pue,
                 },
             )
@@ -128,7 +137,8 @@ class EnginePipeline:
             hardware_source=hardware.source,
             predictor=predictor.name,
         ).set(1)
-        m.labels(m.grid_intensity, region=intensity.region, kind=intensity.kind).set(intensity.grams_co2e_per_kwh)
+        self._intensity_errors_seen = 0
+        self._grams_per_joule = self._publish_intensity()
         m.labels(m.pue).set(settings.pue)
 
         prior_idle_watts = hardware.num_gpus * hardware.gpu.idle_watts_or_default()
@@ -157,6 +167,7 @@ class EnginePipeline:
         self.process_pending()
         self.close_window()
         self._publish()
+        self.intensity.close()
         close_meter = getattr(self.windows.meter, "close", None)
         if close_meter is not None:
             close_meter()  # stops a power-sampling thread and shuts NVML down
@@ -242,9 +253,12 @@ class EnginePipeline:
             self._failed("predict", error)
             return
         prefill_scale, decode_scale, _ = self.calibrator.factors
+        embodied_g = max(shape.wall_seconds, 0.0) * self.embodied_grams_per_second
         try:
             prefill_j, decode_j = split_step_energy(prediction, shape)
-            self.ledger.add_step(shape, prefill_j, decode_j, prefill_scale, decode_scale)
+            self.ledger.add_step(
+                shape, prefill_j, decode_j, prefill_scale, decode_scale, self._grams_per_joule, embodied_g
+            )
         except Exception as error:
             self._failed("attribute", error)
             return
@@ -257,13 +271,15 @@ class EnginePipeline:
                 m.labels(m.predicted_seconds, phase=phase).inc(seconds)
                 self._add_energy(phase, "predicted", energy_j)
                 self._add_energy(phase, "calibrated", energy_j * scale)
+                if prediction.energy_j > 0:
+                    m.labels(m.embodied_carbon, phase=phase).inc(embodied_g * energy_j / prediction.energy_j)
         except Exception as error:
             self._failed("export", error)
 
     def _add_energy(self, phase: str, source: str, energy_j: float) -> None:
         m = self.metrics
         m.labels(m.energy, phase=phase, source=source).inc(energy_j)
-        m.labels(m.carbon, phase=phase, source=source).inc(self._grams(energy_j))
+        m.labels(m.carbon, phase=phase, source=source).inc(energy_j * self._grams_per_joule)
 
     def close_window(self) -> None:
         """Compare a window's predictions with the meter, learn, export idle and measured energy."""
@@ -273,6 +289,8 @@ class EnginePipeline:
             self._failed("calibrate", error)
             return
         try:
+            m = self.metrics
+            m.labels(m.embodied_carbon, phase="idle").inc(result.idle_seconds * self.embodied_grams_per_second)
             self._add_energy("idle", "predicted", result.predicted_idle_j)
             self._add_energy("idle", "calibrated", result.calibrated_idle_j)
             if result.measured_split_j is not None:
@@ -298,8 +316,17 @@ class EnginePipeline:
         m.labels(m.prediction_error, correction="raw").set(raw)
         m.labels(m.prediction_error, correction="calibrated").set(calibrated)
 
-    def _grams(self, energy_j: float) -> float:
-        return float(operational_grams_co2e(energy_j, self.intensity, self.settings.pue))
+    def _publish_intensity(self) -> float:
+        """Export the grid intensity in use; return grams CO2e per joule at the IT load (x PUE)."""
+        m = self.metrics
+        intensity = self.intensity.current()
+        m.set_grid_intensity(intensity.region, intensity.kind, intensity.grams_co2e_per_kwh)
+        m.labels(m.grid_intensity_age).set(self.intensity.age_seconds)
+        errors = self.intensity.errors
+        if errors > self._intensity_errors_seen:
+            m.labels(m.grid_intensity_errors).inc(errors - self._intensity_errors_seen)
+            self._intensity_errors_seen = errors
+        return intensity.grams_co2e_per_kwh * self.settings.pue / JOULES_PER_KWH
 
     def _finish(self, request_id: str) -> None:
         entry = self.ledger.finish(request_id)
@@ -307,22 +334,58 @@ class EnginePipeline:
             return
         m = self.metrics
         try:
-            grams = self._grams(entry.energy_j)
+            grams = entry.grams_co2e
             m.labels(m.requests).inc()
             m.labels(m.request_energy).observe(entry.energy_j)
             m.labels(m.request_carbon).observe(grams)
             result = FinishedRequest(request_id, entry, grams)
             self.finished.append(result)
+            if self.store is not None and len(self._pending_actuals) < 100_000:
+                self._pending_actuals.append(actual_from_energy(entry, time.time()))
             if self.request_log is not None:
                 self.request_log.write(result)
         except Exception as error:
             self._failed("export", error)
 
     def _publish(self) -> None:
+        """Periodic work off the hot path: grid intensity, per-request results, metrics snapshot."""
+        try:
+            self._grams_per_joule = self._publish_intensity()
+        except Exception as error:
+            self._failed("carbon", error)
+        if self.store is not None:
+            self._publish_results()
         if self.snapshot is None:
             return
         try:
             self.snapshot.write()
+        except Exception as error:
+            self._failed("export", error)
+
+    def _publish_results(self) -> None:
+        store = self.store
+        assert store is not None
+        try:
+            actuals, self._pending_actuals = self._pending_actuals, []
+            store.record_actuals(actuals)
+            prefill_scale, decode_scale, idle_watts = self.calibrator.factors
+            calibrated_error = self.calibrator.rolling_error()[1] if self.windows.meter is not None else float("nan")
+            store.publish_engine_state(
+                self.engine,
+                {
+                    "running_requests": len(self.ledger),
+                    "prefill_scale": prefill_scale,
+                    "decode_scale": decode_scale,
+                    "idle_watts": idle_watts,
+                    # The calibrated model's measured error, once windows were measured (NaN -> None).
+                    "calibrated_error": calibrated_error if calibrated_error == calibrated_error else None,
+                },
+            )
+            now = time.time()
+            if now >= self._next_cleanup:
+                retention = max(self.settings.request_results_retention_seconds, self.settings.admission_budget_window_seconds)
+                store.delete_older_than(now - retention)
+                self._next_cleanup = now + 60.0
         except Exception as error:
             self._failed("export", error)
 

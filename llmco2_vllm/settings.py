@@ -10,8 +10,13 @@ import difflib
 import math
 import os
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import field as dataclass_field
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .carbon import EmbodiedCarbon
 
 ENV_PREFIX = "LLMCO2_"
 # Variables the plugin sets or reads for its own plumbing, not user settings.
@@ -40,6 +45,21 @@ class Settings:
     calibration_file: str = ""  # where the online calibration is kept across restarts; empty = not kept
     calibration_window_seconds: float = 5.0  # measured energy is compared with predictions over windows this long
     calibration_forgetting: float = 0.98  # weight of the previous window in the online fit (~50-window memory)
+    grid_intensity_file: str = ""  # CSV/JSON time series of gCO2e/kWh; wins over the live API and the static value
+    grid_intensity_url: str = ""  # Electricity Maps v3 base URL, e.g. https://api.electricitymaps.com/v3; empty = no live data
+    grid_intensity_zone: str = ""  # Electricity Maps zone (FR, DE, US-CAL-CISO); empty = region
+    grid_intensity_api_key: str = dataclass_field(default="", repr=False)  # sent as the auth-token header; never logged or shown
+    grid_intensity_refresh_seconds: float = 300.0  # how often the live value is fetched (free tiers allow tens per hour)
+    grid_intensity_timeout_seconds: float = 5.0  # per fetch socket operation; the worker never waits on it
+    embodied_kg_per_gpu: float | None = None  # embodied kgCO2e per GPU incl. its server share; None = bundled 463 kg; 0 = off
+    hardware_lifetime_years: float = 4.0  # amortisation period of the embodied carbon
+    admission_max_request_grams: float = 0.0  # reject a request whose forecast gCO2e exceeds this; 0 = off
+    admission_budget_grams: float = 0.0  # rolling carbon budget over the window below; 0 = off
+    admission_budget_window_seconds: float = 3600.0  # length of the rolling budget window
+    admission_defer_above_intensity: float = 0.0  # gCO2e/kWh above which deferrable requests wait; 0 = off
+    admission_max_defer_seconds: float = 600.0  # longest a deferrable request may wait
+    admission_fail_closed: bool = False  # a failure inside admission rejects instead of admitting
+    request_results_retention_seconds: float = 3600.0  # how long per-request results stay queryable
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -137,6 +157,107 @@ class Settings:
         if self.predictor not in ("analytic", "gnn") and ":" not in self.predictor:
             raise SettingsError(
                 f"LLMCO2_PREDICTOR={self.predictor!r}: use 'analytic', 'gnn' or an import path 'package.module:Class'."
+            )
+        self._validate_grid_intensity_source()
+        self._validate_embodied()
+        self._validate_admission()
+
+    def embodied(self) -> "EmbodiedCarbon":
+        """Embodied carbon in force: the user's kg per GPU, else the bundled default, over the set lifetime."""
+        from dataclasses import replace
+
+        from .carbon import EmbodiedCarbon, default_embodied_carbon
+
+        if self.embodied_kg_per_gpu is None:
+            default = default_embodied_carbon()
+            if self.hardware_lifetime_years == default.lifetime_years:
+                return default
+            return replace(default, lifetime_years=self.hardware_lifetime_years)
+        return EmbodiedCarbon(self.embodied_kg_per_gpu, self.hardware_lifetime_years, "user setting")
+
+    def _validate_grid_intensity_source(self) -> None:
+        if self.grid_intensity_file:
+            from .grid_intensity import TimeSeriesIntensity
+
+            if not os.path.isfile(self.grid_intensity_file):
+                raise SettingsError(
+                    f"LLMCO2_GRID_INTENSITY_FILE={self.grid_intensity_file!r}: no such file. Point it at a CSV "
+                    "(timestamp,grams_co2e_per_kwh) or JSON time series, or unset it."
+                )
+            try:
+                TimeSeriesIntensity(self.grid_intensity_file).close()
+            except ValueError as error:
+                raise SettingsError(f"LLMCO2_GRID_INTENSITY_FILE: {error}") from None
+        if self.grid_intensity_url:
+            parsed = urllib.parse.urlparse(self.grid_intensity_url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise SettingsError(
+                    f"LLMCO2_GRID_INTENSITY_URL={self.grid_intensity_url!r}: give the http(s) base URL of the "
+                    "Electricity Maps API v3, e.g. https://api.electricitymaps.com/v3."
+                )
+            zone = self.grid_intensity_zone or self.region
+            if zone.strip().upper() in ("WORLD", "EU"):
+                raise SettingsError(
+                    f"LLMCO2_GRID_INTENSITY_URL is set but the zone would be {zone!r}, which Electricity Maps does not "
+                    "serve: set LLMCO2_GRID_INTENSITY_ZONE (e.g. FR, DE, US-CAL-CISO) or LLMCO2_REGION to a country."
+                )
+        elif self.grid_intensity_api_key:
+            raise SettingsError(
+                "LLMCO2_GRID_INTENSITY_API_KEY is set but LLMCO2_GRID_INTENSITY_URL is not: set the URL "
+                "(e.g. https://api.electricitymaps.com/v3) to use live data, or unset the key."
+            )
+        if self.grid_intensity_zone and not (self.grid_intensity_url or self.grid_intensity_file):
+            raise SettingsError(
+                f"LLMCO2_GRID_INTENSITY_ZONE={self.grid_intensity_zone!r} has no effect without "
+                "LLMCO2_GRID_INTENSITY_URL or LLMCO2_GRID_INTENSITY_FILE: set one of them, or use LLMCO2_REGION."
+            )
+        if not (10 <= self.grid_intensity_refresh_seconds <= 86400):
+            raise SettingsError(
+                f"LLMCO2_GRID_INTENSITY_REFRESH_SECONDS={self.grid_intensity_refresh_seconds}: use 10 to 86400 seconds "
+                "(default 300; free API tiers allow tens of requests per hour)."
+            )
+        if not (0.1 <= self.grid_intensity_timeout_seconds <= 60):
+            raise SettingsError(
+                f"LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS={self.grid_intensity_timeout_seconds}: use 0.1 to 60 seconds (default 5)."
+            )
+
+    def _validate_embodied(self) -> None:
+        kg = self.embodied_kg_per_gpu
+        if kg is not None and not (math.isfinite(kg) and 0 <= kg <= 10000):
+            raise SettingsError(
+                f"LLMCO2_EMBODIED_KG_PER_GPU={kg}: give kgCO2e per GPU including its share of the server, 0 to 10000 "
+                "(bundled default 463 = 1/8 of an 8-GPU node; 0 switches embodied carbon off; unset for the default)."
+            )
+        if not (0.5 <= self.hardware_lifetime_years <= 15):
+            raise SettingsError(
+                f"LLMCO2_HARDWARE_LIFETIME_YEARS={self.hardware_lifetime_years}: use 0.5 to 15 years (default 4)."
+            )
+
+    def _validate_admission(self) -> None:
+        for variable, value, fix in (
+            ("LLMCO2_ADMISSION_MAX_REQUEST_GRAMS", self.admission_max_request_grams, "gCO2e per request"),
+            ("LLMCO2_ADMISSION_BUDGET_GRAMS", self.admission_budget_grams, "gCO2e per budget window"),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise SettingsError(f"{variable}={value}: give {fix} >= 0 (0 switches it off).")
+        if not (1 <= self.admission_budget_window_seconds <= 2592000):
+            raise SettingsError(
+                f"LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS={self.admission_budget_window_seconds}: use 1 to 2592000 "
+                "seconds (30 days; default 3600)."
+            )
+        if not (math.isfinite(self.admission_defer_above_intensity) and 0 <= self.admission_defer_above_intensity <= 5000):
+            raise SettingsError(
+                f"LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY={self.admission_defer_above_intensity}: give gCO2e/kWh between "
+                "0 and 5000 (0 switches deferral off; world average ~470)."
+            )
+        if not (0 <= self.admission_max_defer_seconds <= 86400):
+            raise SettingsError(
+                f"LLMCO2_ADMISSION_MAX_DEFER_SECONDS={self.admission_max_defer_seconds}: use 0 to 86400 seconds (default 600)."
+            )
+        if not (60 <= self.request_results_retention_seconds <= 604800):
+            raise SettingsError(
+                f"LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS={self.request_results_retention_seconds}: use 60 to 604800 "
+                "seconds (7 days; default 3600)."
             )
 
 

@@ -10,6 +10,12 @@ energy is ``sum_g w_g * A_g * exp(o_g)`` over the row's step graphs (w_g: integr
 analytic phase energy of the step); the loss is the mean absolute error of its log against the
 log measured energy.
 
+On a GPU whose datasheet matches no training GPU the predictor multiplies the log correction by
+``unseen_hardware_scale`` (0 = the analytic model, 1 = the full correction). The scale is chosen
+by leave-one-GPU-type-out cross-validation on the training rows (``choose_unseen_hardware_scale``)
+because cross-validation showed that the correction learned on the few training GPUs transfers
+only partly to another GPU.
+
 No synthetic rows are added (the optional coverage rows and LLMCO2's focused sampling were not
 done); the model only ever sees real measurements.
 """
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
-from .gnn import GnnEnsemble
+from .gnn import GnnEnsemble, hardware_signature, is_known_hardware
 from .hardware import Hardware, find_gpu
 from .measurements import load_measurements
 from .model_description import load_model
@@ -37,6 +43,8 @@ from .operator_graph import StepGraphBuilder
 from .step_shape import StepShape
 
 DEFAULT_SAMPLES = 4
+#: Candidate factors on the log correction for GPUs outside the training set (0 = analytic model).
+UNSEEN_HARDWARE_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @functools.lru_cache(maxsize=512)
@@ -175,18 +183,88 @@ def train_ensemble(
     pred = row_log_energy(logs.mean(0), rows, phase, base, len(row_ids))
     residual = (target - pred).numpy()
     ensemble.residual_quantiles = (float(np.quantile(residual, 0.05)), float(np.quantile(residual, 0.95)))
+    ensemble.training_hardware = training_hardware(data, row_ids)
     ensemble.eval()
     return ensemble
 
 
+def training_hardware(data: RowDataset, row_ids: Sequence[int]) -> list[list[float]]:
+    """Distinct hardware signatures of the rows' GPUs."""
+    out: list[list[float]] = []
+    for i in row_ids:
+        signature = hardware_signature(find_gpu(data.rows[i]["gpu"]))
+        if not is_known_hardware(signature, out):
+            out.append(signature)
+    return out
+
+
+def choose_unseen_hardware_scale(
+    data: RowDataset, row_ids: Sequence[int], members: int, epochs: int, seed: int = 0, log: list[str] | None = None
+) -> tuple[float, tuple[float, float]]:
+    """Scale of the log correction on an unseen GPU, by leave-one-GPU-type-out CV inside ``row_ids``.
+
+    Each GPU's rows are predicted by an ensemble trained without them; the scale in
+    ``UNSEEN_HARDWARE_SCALES`` with the lowest MAPE on those held-out predictions wins (ties: the
+    smaller one, i.e. the more conservative). Returns it and the 5 %/95 % quantiles of
+    log(measured / predicted) at that scale (the interval on unseen GPUs). Only rows in
+    ``row_ids`` are used, so an outer CV fold's test rows never influence the choice.
+    """
+    row_ids = list(row_ids)
+    groups: dict[str, list[int]] = {}
+    for i in row_ids:
+        groups.setdefault(data.rows[i]["gpu"], []).append(i)
+    if len(groups) < 2:
+        return 1.0, (0.0, 0.0)
+    held_logs: dict[int, tuple[torch.Tensor, ...]] = {}
+    for gpu, test in sorted(groups.items()):
+        held = set(test)
+        ensemble = train_ensemble(data, [i for i in row_ids if i not in held], members, epochs, seed=seed)
+        batch, rows, phase, base, target = data.subset(test)
+        held_logs[len(held_logs)] = (ensemble.log_factors(batch).mean(0), rows, phase, base, target, len(test))
+        if log is not None:
+            log.append(f"    inner fold {gpu!r}: {len(test)} rows")
+    best: tuple[float, float, np.ndarray] | None = None
+    for scale in UNSEEN_HARDWARE_SCALES:
+        residuals = np.concatenate([
+            (target - row_log_energy(scale * logs, rows, phase, base, n)).numpy()
+            for logs, rows, phase, base, target, n in held_logs.values()
+        ])
+        mape = float(np.mean(np.abs(np.expm1(-residuals))))
+        if best is None or mape < best[1] - 1e-12:
+            best = (scale, mape, residuals)
+    scale, _, residuals = best
+    return scale, (float(np.quantile(residuals, 0.05)), float(np.quantile(residuals, 0.95)))
+
+
+def train_with_shrinkage(
+    data: RowDataset, row_ids: Sequence[int], members: int, epochs: int, seed: int = 0,
+    scale_members: int = 2, scale_epochs: int = 25, log: list[str] | None = None, verbose: bool = False,
+) -> GnnEnsemble:
+    """``train_ensemble`` plus ``choose_unseen_hardware_scale`` (with the cheaper CV settings)."""
+    ensemble = train_ensemble(data, row_ids, members, epochs, seed=seed, verbose=verbose)
+    scale, quantiles = choose_unseen_hardware_scale(data, row_ids, scale_members, scale_epochs, seed, log)
+    ensemble.unseen_hardware_scale, ensemble.unseen_residual_quantiles = scale, quantiles
+    return ensemble
+
+
+def row_scales(ensemble: GnnEnsemble, data: RowDataset, row_ids: Sequence[int]) -> np.ndarray:
+    """Per row: the correction scale the predictor applies on the row's GPU (1 seen, <= 1 unseen)."""
+    return np.array([ensemble.correction_scale(find_gpu(data.rows[i]["gpu"])) for i in row_ids])
+
+
 def predict_rows(ensemble: GnnEnsemble, data: RowDataset, row_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(central, low, high) batch energy of the rows (J)."""
+    row_ids = list(row_ids)
     batch, rows, phase, base, _ = data.subset(row_ids)
-    logs = ensemble.log_factors(batch)  # (M, G, 2)
+    scales = row_scales(ensemble, data, row_ids)
+    logs = ensemble.log_factors(batch) * torch.tensor(scales, dtype=torch.float32)[rows].unsqueeze(-1)  # (M, G, 2)
     central = row_log_energy(logs.mean(0), rows, phase, base, len(row_ids)).numpy()
     per_member = row_log_energy(logs, rows, phase, base, len(row_ids)).numpy()  # (M, rows)
-    lo = np.quantile(per_member, 0.1, axis=0) + ensemble.residual_quantiles[0]
-    hi = np.quantile(per_member, 0.9, axis=0) + ensemble.residual_quantiles[1]
+    unseen = np.array([not ensemble.knows(find_gpu(data.rows[i]["gpu"])) for i in row_ids])
+    widen_lo = np.where(unseen, min(ensemble.unseen_residual_quantiles[0], 0.0), min(ensemble.residual_quantiles[0], 0.0))
+    widen_hi = np.where(unseen, max(ensemble.unseen_residual_quantiles[1], 0.0), max(ensemble.residual_quantiles[1], 0.0))
+    lo = np.quantile(per_member, 0.1, axis=0) + widen_lo
+    hi = np.quantile(per_member, 0.9, axis=0) + widen_hi
     return np.exp(central), np.exp(lo), np.exp(hi)
 
 
@@ -209,7 +287,11 @@ def run(args: argparse.Namespace) -> int:
     rows = load_measurements()
     data = RowDataset.from_rows(rows, args.samples)
     print(f"{len(rows)} rows, {len(data.graphs)} step graphs ({time.perf_counter() - start:.1f} s)", flush=True)
-    ensemble = train_ensemble(data, range(len(rows)), args.members, args.epochs, seed=args.seed, verbose=True)
+    log: list[str] = []
+    ensemble = train_with_shrinkage(data, range(len(rows)), args.members, args.epochs, seed=args.seed, log=log, verbose=True)
+    print("\n".join(log), flush=True)
+    print(f"unseen-hardware scale {ensemble.unseen_hardware_scale} (leave-one-GPU-type-out CV on the training rows)",
+          flush=True)
     seconds = time.perf_counter() - start
     central, _, _ = predict_rows(ensemble, data, range(len(rows)))
     measured = np.array([r["energy_j"] for r in rows])
@@ -218,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
         "trained_on": "load_measurements() (kv_cache rows)", "rows": len(rows),
         "measurements_sha256": measurements_sha256(), "epochs": args.epochs, "samples": args.samples,
         "seed": args.seed, "train_seconds": round(seconds, 1), "in_sample_mape_percent": round(mape, 2),
+        "unseen_hardware_scale_cv": "leave-one-GPU-type-out on the training rows, 2 members x 25 epochs per fold",
         "command": f"python -m llmco2_vllm.train_gnn --out {args.out} --members {args.members} --epochs {args.epochs}",
     }
     ensemble.save(args.out)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,21 @@ def capturing_scheduler(base: type) -> type:
     return CapturingScheduler
 
 
-def build_engine_pipeline(vllm_config: Any):
-    """Describe model and hardware from vLLM's config and start the engine's worker thread."""
-    from .carbon import GridIntensity, lookup_region
-    from .hardware import Hardware, detect_gpus, find_gpu, UnknownGpuError
-    from .metrics import multiprocess_mode
-    from .model_description import ModelDescription
-    from .pipeline import EnginePipeline
-    from .predictor import load_predictor
+@dataclass(frozen=True)
+class Deployment:
+    """What the plugin predicts for: the served model on its GPUs."""
 
-    settings = Settings.from_env()
+    model_name: str
+    model: Any  # ModelDescription
+    hardware: Any  # Hardware
+    pipeline_parallel: int
+
+
+def describe_deployment(vllm_config: Any, settings: Settings) -> Deployment:
+    """Model and hardware from vLLM's config; the GPUs NVML sees, else the configured target."""
+    from .hardware import Hardware, UnknownGpuError, detect_gpus, find_gpu
+    from .model_description import ModelDescription
+
     model_config = vllm_config.model_config
     parallel = vllm_config.parallel_config
     model_name = model_config.served_model_name
@@ -154,23 +160,39 @@ def build_engine_pipeline(vllm_config: Any):
             gpu, source = find_gpu(detected[0]), "nvml"
         except UnknownGpuError:
             logger.warning("llmco2: GPU %r is not in the catalog; predicting for %s", detected[0], gpu.name)
-    else:
-        logger.info("llmco2: no NVIDIA GPU visible; predicting for the configured target %s", gpu.name)
     hardware = Hardware(gpu, tensor_parallel * pipeline_parallel, tensor_parallel, source)
-    if settings.grid_intensity is not None:
-        intensity = GridIntensity(settings.grid_intensity, "static", "average", None, "user setting")
-    else:
-        intensity = lookup_region(settings.region)
-    predictor = load_predictor(settings.predictor, model, hardware, pipeline_parallel)
+    return Deployment(str(model_name), model, hardware, pipeline_parallel)
+
+
+def endpoints_enabled() -> bool:
+    """vLLM loads the plugin's HTTP endpoints only when ``VLLM_PLUGINS`` names it."""
+    return "llmco2" in [name.strip() for name in os.environ.get("VLLM_PLUGINS", "").split(",")]
+
+
+def build_engine_pipeline(vllm_config: Any):
+    """Describe model and hardware from vLLM's config and start the engine's worker thread."""
+    from .grid_intensity import build_intensity_provider
+    from .metrics import multiprocess_mode
+    from .pipeline import EnginePipeline
+    from .predictor import load_predictor
+    from .request_results import RequestResultStore
+
+    settings = Settings.from_env()
+    deployment = describe_deployment(vllm_config, settings)
+    hardware, parallel = deployment.hardware, vllm_config.parallel_config
+    if hardware.source == "configured":
+        logger.info("llmco2: no NVIDIA GPU visible; predicting for the configured target %s", hardware.gpu.name)
+    predictor = load_predictor(settings.predictor, deployment.model, hardware, deployment.pipeline_parallel)
     engine = str(getattr(parallel, "data_parallel_rank", 0) or 0)
     run_dir = os.environ.get(RUN_DIR_VARIABLE)
     snapshot = Path(run_dir) / f"engine-{engine}.prom" if run_dir and not multiprocess_mode() else None
+    store = RequestResultStore.in_directory(run_dir) if run_dir and endpoints_enabled() else None
     meter = None
     if settings.measure_energy:
         from .energy_meter import EnergyMeter
 
         # This engine's GPUs: its TP x PP ranks, offset by its local data-parallel rank.
-        world = tensor_parallel * pipeline_parallel
+        world = hardware.num_gpus
         local_rank = int(getattr(parallel, "data_parallel_rank_local", 0) or 0)
         meter = EnergyMeter(gpu_indices=list(range(local_rank * world, (local_rank + 1) * world)))
         if not meter.available:
@@ -182,21 +204,32 @@ def build_engine_pipeline(vllm_config: Any):
         calibrator = OnlineCalibrator.load(
             settings.calibration_file,
             forgetting=settings.calibration_forgetting,
-            prior_idle_watts=hardware.num_gpus * gpu.idle_watts_or_default(),
+            prior_idle_watts=hardware.num_gpus * hardware.gpu.idle_watts_or_default(),
         )
+    intensity = build_intensity_provider(settings)
     pipeline = EnginePipeline(
-        settings, predictor, hardware, intensity, str(model_name), engine, snapshot, meter=meter, calibrator=calibrator
+        settings,
+        predictor,
+        hardware,
+        intensity,
+        deployment.model_name,
+        engine,
+        snapshot,
+        meter=meter,
+        calibrator=calibrator,
+        embodied=settings.embodied(),
+        store=store,
     )
     pipeline.start()
     _pipelines.append(pipeline)
     logger.info(
-        "llmco2: accounting %s on %d x %s (%s), predictor %s, region %s",
-        model_name,
+        "llmco2: accounting %s on %d x %s (%s), predictor %s, grid intensity %s",
+        deployment.model_name,
         hardware.num_gpus,
-        gpu.name,
-        source,
+        hardware.gpu.name,
+        hardware.source,
         predictor.name,
-        intensity.region,
+        intensity.current().region,
     )
     return pipeline
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from llmco2_vllm.carbon import (
+    EmbodiedCarbon,
     GridIntensity,
     UnknownRegionError,
+    default_embodied_carbon,
+    embodied_grams_co2e,
     lookup_region,
     operational_grams_co2e,
     region_table,
@@ -149,3 +152,48 @@ def test_invalid_inputs_raise(energy_j: object, pue: float, match: str) -> None:
 def test_invalid_intensity_raises(value: float) -> None:
     with pytest.raises(ValueError, match="grams_co2e_per_kwh"):
         GridIntensity(value, "static", "average", None, "user setting")
+
+
+def test_embodied_rate_hand_computed() -> None:
+    # 31.5576 kg over one Julian year (31 557 600 s) = 31 557.6 g / 31 557 600 s = 0.001 g per GPU-second.
+    embodied = EmbodiedCarbon(kg_co2e_per_gpu=31.5576, lifetime_years=1.0, source="user setting")
+    assert embodied.grams_per_gpu_second == pytest.approx(0.001)
+    assert embodied_grams_co2e(1000.0, embodied) == pytest.approx(1.0)
+    # 8 GPUs held for one hour = 28 800 GPU-seconds.
+    assert embodied_grams_co2e(8 * 3600.0, embodied) == pytest.approx(28.8)
+    assert embodied_grams_co2e(0.0, embodied) == 0.0
+
+
+def test_embodied_zero_switches_it_off() -> None:
+    off = EmbodiedCarbon(kg_co2e_per_gpu=0.0, lifetime_years=4.0, source="user setting")
+    assert off.grams_per_gpu_second == 0.0
+    assert embodied_grams_co2e(3600.0, off) == 0.0
+
+
+def test_default_embodied_is_read_from_the_data_file() -> None:
+    default = default_embodied_carbon()
+    assert default.kg_co2e_per_gpu == 463.0  # 1/8 of the 3700 kg 8-GPU node
+    assert default.lifetime_years == 4.0
+    assert default.source == "https://arxiv.org/abs/2503.05804"
+    text = resources.files("llmco2_vllm").joinpath("data", "embodied_carbon.csv").read_text()
+    rows = {row["item"]: row for row in csv.DictReader(text.splitlines())}
+    node = float(rows["8-GPU server node (BLOOM/Luccioni et al. 2023 assumption)"]["value"])
+    assert default.kg_co2e_per_gpu == pytest.approx(node / 8, abs=0.5)
+    # Independent row of the same paper: 0.013 kg per GPU-hour over a 4-year life (rounded to 2 significant digits).
+    per_gpu_hour_kg = float(rows["amortized embodied per H100 GPU-hour (4-yr life)"]["value"])
+    assert default.grams_per_gpu_second * 3600 / 1000 == pytest.approx(per_gpu_hour_kg, abs=0.0005)
+
+
+@pytest.mark.parametrize("gpu_seconds", [-1.0, math.nan, math.inf])
+def test_embodied_rejects_bad_gpu_seconds(gpu_seconds: float) -> None:
+    with pytest.raises(ValueError, match="gpu_seconds"):
+        embodied_grams_co2e(gpu_seconds, default_embodied_carbon())
+
+
+@pytest.mark.parametrize(
+    ("kg", "years", "match"),
+    [(-1.0, 4.0, "kg_co2e_per_gpu"), (math.nan, 4.0, "kg_co2e_per_gpu"), (463.0, 0.0, "lifetime_years"), (463.0, math.inf, "lifetime_years")],
+)
+def test_embodied_carbon_validates(kg: float, years: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EmbodiedCarbon(kg, years, "user setting")

@@ -176,3 +176,110 @@ def test_gnn_predictor_contract() -> None:
     assert 0.1 < pred.prefill_energy_j / analytic.prefill_energy_j < 10
     empty = StepShape.from_requests([("idle", 0, 0, 10)])
     assert predictor.predict_step(empty).energy_j == pytest.approx(AnalyticPredictor(model, hw).predict_step(empty).energy_j)
+
+
+def test_load_predictor_gnn_degrades_to_analytic_with_one_warning() -> None:
+    """An architecture the graph builder rejects: load_predictor("gnn") still works, warns once, predicts analytically."""
+    from llmco2_vllm.predictor import AnalyticPredictor, load_predictor
+
+    unsupported = dataclasses.replace(load_model(MLA_MOE_SHARED), sliding_window=4096, num_sliding_window_layers=4)
+    steps = (MIXED, StepShape.static_batch_decode(8, 1000), StepShape.static_batch_prefill(2, 512))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = load_predictor("gnn", unsupported, hardware(8))
+        got = [predictor.predict_step(step) for step in steps]
+    fallback_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(fallback_warnings) == 1, [str(w.message) for w in caught]
+    assert "sliding-window" in str(fallback_warnings[0].message) and "analytic" in str(fallback_warnings[0].message)
+    assert predictor.name == "gnn" and predictor.is_fallback and "sliding-window" in predictor.fallback_reason
+    analytic = AnalyticPredictor(unsupported, hardware(8))
+    for step, prediction in zip(steps, got):
+        want = analytic.predict_step(step)
+        assert prediction.energy_j == want.energy_j and prediction.seconds == want.seconds
+
+
+def test_step_failure_after_start_falls_back_per_step_with_one_warning() -> None:
+    """A step whose graph cannot be built (fault injected into the real builder) is predicted analytically."""
+    predictor = GnnPredictor(load_model(DENSE_GQA), hardware(1), checkpoint=_perturbed_ensemble(1))
+    assert not predictor.is_fallback
+    healthy = predictor.predict_step(MIXED)
+
+    def broken_build(step, hf_transformers=False):
+        raise FloatingPointError("injected")
+
+    predictor.builder.build = broken_build
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = predictor.predict_step(MIXED), predictor.predict_step(StepShape.static_batch_decode(2, 64))
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert predictor.fallback_steps == 2 and "injected" in predictor.fallback_reason
+    from llmco2_vllm.predictor import AnalyticPredictor
+
+    assert first.energy_j == AnalyticPredictor(load_model(DENSE_GQA), hardware(1)).predict_step(MIXED).energy_j
+    assert first.energy_j != healthy.energy_j  # the perturbed GNN did change the healthy prediction
+
+
+def test_distilled_table_matches_gnn_on_its_grid_and_fast_path_tracks_full_forecast() -> None:
+    from llmco2_vllm.forecast import forecast_static_batch
+    from llmco2_vllm.gnn import DISTIL_BATCH_SIZES, DISTIL_DECODE_CONTEXTS, DISTIL_PREFILL_TOKENS
+
+    predictor = GnnPredictor(load_model(DENSE_GQA), hardware(1), checkpoint=_perturbed_ensemble(2))
+    table = predictor.distilled
+    for b, t in ((DISTIL_BATCH_SIZES[0], DISTIL_PREFILL_TOKENS[2]), (DISTIL_BATCH_SIZES[4], DISTIL_PREFILL_TOKENS[-1])):
+        logs, _ = predictor._member_logs(StepShape.static_batch_prefill(b, t))
+        assert table.log_factor(0, b, t) == pytest.approx(float(logs.mean(0)[0]), abs=1e-5)
+    for b, t in ((DISTIL_BATCH_SIZES[-1], DISTIL_DECODE_CONTEXTS[0]), (DISTIL_BATCH_SIZES[3], DISTIL_DECODE_CONTEXTS[3])):
+        logs, _ = predictor._member_logs(StepShape.static_batch_decode(b, t))
+        assert table.log_factor(1, b, t) == pytest.approx(float(logs.mean(0)[1]), abs=1e-5)
+    # clamped outside the grid, never extrapolated
+    assert table.log_factor(1, 10_000, 10**7) == table.log_factor(1, DISTIL_BATCH_SIZES[-1], DISTIL_DECODE_CONTEXTS[-1])
+    # the fast path is the analytic closed form times the two phase factors
+    b, p, o = 8, 700, 300
+    analytic = predictor.analytic.roofline.static_batch(b, p, o)
+    fast = predictor.static_batch(b, p, o)
+    assert fast[1] / analytic[1] == pytest.approx(math.exp(table.log_factor(0, b, p)))
+    assert fast[3] / analytic[3] == pytest.approx(math.exp(table.log_factor(1, b, p + (o - 2) / 2)))
+    full = forecast_static_batch(predictor, b, p, o)
+    assert fast[1] + fast[3] == pytest.approx(full.energy_j, rel=0.05)
+
+
+def test_fast_path_of_a_fallback_predictor_is_the_analytic_closed_form() -> None:
+    unsupported = dataclasses.replace(load_model(MLA_MOE_SHARED), sliding_window=4096, num_sliding_window_layers=4)
+    with pytest.warns(RuntimeWarning):
+        predictor = GnnPredictor(unsupported, hardware(8))
+    assert predictor.distilled is None
+    assert predictor.static_batch(4, 300, 100) == predictor.analytic.roofline.static_batch(4, 300, 100)
+
+
+def test_unseen_hardware_shrinks_the_correction_and_widens_the_interval(tmp_path) -> None:
+    from llmco2_vllm.gnn import hardware_signature
+
+    ensemble = _perturbed_ensemble(2)
+    ensemble.training_hardware = [hardware_signature(find_gpu("H100-SXM5-80GB"))]
+    ensemble.unseen_hardware_scale, ensemble.unseen_residual_quantiles = 0.5, (-0.6, 0.7)
+    path = tmp_path / "gnn.safetensors"
+    ensemble.save(path)
+    loaded = GnnEnsemble.load(path)
+    assert loaded.training_hardware == ensemble.training_hardware
+    assert (loaded.unseen_hardware_scale, loaded.unseen_residual_quantiles) == (0.5, (-0.6, 0.7))
+
+    model = load_model(DENSE_GQA)
+    step = StepShape.static_batch_decode(16, 900)
+    seen = GnnPredictor(model, hardware(1, "H100-SXM5-80GB"), checkpoint=loaded)
+    assert seen.correction_scale == 1.0 and not seen.unseen_hardware
+    unseen = GnnPredictor(model, hardware(1, "A100-SXM4-80GB"), checkpoint=loaded)
+    assert unseen.correction_scale == 0.5 and unseen.unseen_hardware
+    loaded.training_hardware = []  # no record of training GPUs: full correction everywhere
+    full = GnnPredictor(model, hardware(1, "A100-SXM4-80GB"), checkpoint=loaded)
+    assert full.correction_scale == 1.0
+    pred, low, high = unseen.predict_step_interval(step)
+    reference = full.predict_step(step)
+    analytic = full.analytic.predict_step(step)
+    assert math.log(pred.decode_energy_j / analytic.decode_energy_j) == pytest.approx(
+        0.5 * math.log(reference.decode_energy_j / analytic.decode_energy_j), rel=1e-5)
+    assert low <= pred.energy_j * math.exp(-0.6) * 1.0001 and high >= pred.energy_j * math.exp(0.7) * 0.9999
+    # the distilled fast path carries the same scale
+    b, p, o = 16, 900, 2
+    assert unseen.static_batch(b, p, o)[1] / unseen.analytic.roofline.static_batch(b, p, o)[1] == pytest.approx(
+        math.exp(unseen.distilled.log_factor(0, b, p)))
+    assert unseen.distilled.log_factor(0, b, p) == pytest.approx(0.5 * full.distilled.log_factor(0, b, p), rel=1e-6)

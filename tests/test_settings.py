@@ -195,3 +195,136 @@ def test_other_limits(variable: str, value: str, fragment: str) -> None:
 def test_internal_variables_are_not_settings(tmp_path: Path) -> None:
     # LLMCO2_RUN_DIR is plumbing: it must not be rejected as an unknown setting.
     assert Settings.from_env(environ={"LLMCO2_RUN_DIR": str(tmp_path)}) == Settings()
+
+
+def test_new_defaults() -> None:
+    settings = Settings.from_env(environ={})
+    assert (settings.grid_intensity_file, settings.grid_intensity_url, settings.grid_intensity_zone) == ("", "", "")
+    assert settings.grid_intensity_refresh_seconds == 300.0 and settings.grid_intensity_timeout_seconds == 5.0
+    assert settings.embodied_kg_per_gpu is None and settings.hardware_lifetime_years == 4.0
+    assert (settings.admission_max_request_grams, settings.admission_budget_grams) == (0.0, 0.0)
+    assert settings.admission_budget_window_seconds == 3600.0
+    assert (settings.admission_defer_above_intensity, settings.admission_max_defer_seconds) == (0.0, 600.0)
+    assert settings.admission_fail_closed is False
+    assert settings.request_results_retention_seconds == 3600.0
+
+
+def test_new_settings_from_env_and_file(tmp_path: Path) -> None:
+    series = tmp_path / "series.csv"
+    series.write_text("timestamp,grams_co2e_per_kwh\n2024-05-01T00:00:00Z,120\n")
+    config = tmp_path / "llmco2.toml"
+    config.write_text(
+        "[llmco2]\nembodied_kg_per_gpu = 318\nadmission_fail_closed = true\nadmission_budget_grams = 500\n"
+        f'grid_intensity_file = "{series}"\n'
+    )
+    settings = Settings.from_env(
+        environ={
+            "LLMCO2_CONFIG": str(config),
+            "LLMCO2_GRID_INTENSITY_URL": "https://api.electricitymaps.com/v3",
+            "LLMCO2_GRID_INTENSITY_ZONE": "DE",
+            "LLMCO2_GRID_INTENSITY_API_KEY": "secret-key",
+            "LLMCO2_GRID_INTENSITY_REFRESH_SECONDS": "600",
+            "LLMCO2_HARDWARE_LIFETIME_YEARS": "5",
+            "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "400",
+            "LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS": "120",
+        }
+    )
+    assert settings.grid_intensity_file == str(series)
+    assert settings.embodied_kg_per_gpu == 318.0 and settings.admission_fail_closed is True
+    assert settings.admission_budget_grams == 500.0 and settings.grid_intensity_refresh_seconds == 600.0
+    assert settings.admission_defer_above_intensity == 400.0 and settings.request_results_retention_seconds == 120.0
+    assert "secret-key" not in repr(settings)
+
+
+def test_embodied_from_settings() -> None:
+    default = Settings().embodied()
+    assert (default.kg_co2e_per_gpu, default.lifetime_years) == (463.0, 4.0)
+    assert default.source.startswith("https://")
+    longer = Settings.from_env(environ={"LLMCO2_HARDWARE_LIFETIME_YEARS": "6"}).embodied()
+    assert (longer.kg_co2e_per_gpu, longer.lifetime_years, longer.source) == (463.0, 6.0, default.source)
+    user = Settings.from_env(environ={"LLMCO2_EMBODIED_KG_PER_GPU": "318", "LLMCO2_HARDWARE_LIFETIME_YEARS": "3"}).embodied()
+    assert (user.kg_co2e_per_gpu, user.lifetime_years, user.source) == (318.0, 3.0, "user setting")
+    off = Settings.from_env(environ={"LLMCO2_EMBODIED_KG_PER_GPU": "0"}).embodied()
+    assert off.grams_per_gpu_second == 0.0
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable", "fix"),
+    [
+        ({"LLMCO2_GRID_INTENSITY_URL": "ftp://example.org/v3"}, "LLMCO2_GRID_INTENSITY_URL", "https://api.electricitymaps.com/v3"),
+        ({"LLMCO2_GRID_INTENSITY_URL": "api.electricitymaps.com/v3"}, "LLMCO2_GRID_INTENSITY_URL", "http(s)"),
+        ({"LLMCO2_GRID_INTENSITY_URL": "https://api.electricitymaps.com/v3"}, "LLMCO2_GRID_INTENSITY_ZONE", "'WORLD'"),
+        ({"LLMCO2_GRID_INTENSITY_API_KEY": "k"}, "LLMCO2_GRID_INTENSITY_API_KEY", "LLMCO2_GRID_INTENSITY_URL"),
+        ({"LLMCO2_GRID_INTENSITY_ZONE": "DE"}, "LLMCO2_GRID_INTENSITY_ZONE", "LLMCO2_GRID_INTENSITY_URL"),
+        ({"LLMCO2_GRID_INTENSITY_REFRESH_SECONDS": "5"}, "LLMCO2_GRID_INTENSITY_REFRESH_SECONDS", "10 to 86400"),
+        ({"LLMCO2_GRID_INTENSITY_REFRESH_SECONDS": "nan"}, "LLMCO2_GRID_INTENSITY_REFRESH_SECONDS", "10 to 86400"),
+        ({"LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS": "0.01"}, "LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS", "0.1 to 60"),
+        ({"LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS": "120"}, "LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS", "0.1 to 60"),
+        ({"LLMCO2_EMBODIED_KG_PER_GPU": "-1"}, "LLMCO2_EMBODIED_KG_PER_GPU", "0 switches embodied carbon off"),
+        ({"LLMCO2_EMBODIED_KG_PER_GPU": "50000"}, "LLMCO2_EMBODIED_KG_PER_GPU", "0 to 10000"),
+        ({"LLMCO2_EMBODIED_KG_PER_GPU": "inf"}, "LLMCO2_EMBODIED_KG_PER_GPU", "0 to 10000"),
+        ({"LLMCO2_HARDWARE_LIFETIME_YEARS": "0.1"}, "LLMCO2_HARDWARE_LIFETIME_YEARS", "0.5 to 15"),
+        ({"LLMCO2_HARDWARE_LIFETIME_YEARS": "20"}, "LLMCO2_HARDWARE_LIFETIME_YEARS", "0.5 to 15"),
+        ({"LLMCO2_ADMISSION_MAX_REQUEST_GRAMS": "-0.5"}, "LLMCO2_ADMISSION_MAX_REQUEST_GRAMS", "0 switches it off"),
+        ({"LLMCO2_ADMISSION_MAX_REQUEST_GRAMS": "nan"}, "LLMCO2_ADMISSION_MAX_REQUEST_GRAMS", ">= 0"),
+        ({"LLMCO2_ADMISSION_BUDGET_GRAMS": "-1"}, "LLMCO2_ADMISSION_BUDGET_GRAMS", "0 switches it off"),
+        ({"LLMCO2_ADMISSION_BUDGET_GRAMS": "inf"}, "LLMCO2_ADMISSION_BUDGET_GRAMS", ">= 0"),
+        ({"LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS": "0.5"}, "LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS", "1 to 2592000"),
+        ({"LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS": "3000000"}, "LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS", "1 to 2592000"),
+        ({"LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "-10"}, "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY", "0 and 5000"),
+        ({"LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "9000"}, "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY", "0 and 5000"),
+        ({"LLMCO2_ADMISSION_MAX_DEFER_SECONDS": "-1"}, "LLMCO2_ADMISSION_MAX_DEFER_SECONDS", "0 to 86400"),
+        ({"LLMCO2_ADMISSION_MAX_DEFER_SECONDS": "100000"}, "LLMCO2_ADMISSION_MAX_DEFER_SECONDS", "0 to 86400"),
+        ({"LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS": "30"}, "LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS", "60 to 604800"),
+        ({"LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS": "700000"}, "LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS", "60 to 604800"),
+    ],
+)
+def test_new_settings_validation(environ: dict[str, str], variable: str, fix: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ=environ)
+    message = str(info.value)
+    assert variable in message and fix in message
+
+
+def test_boundaries_are_accepted() -> None:
+    Settings.from_env(environ={
+        "LLMCO2_GRID_INTENSITY_REFRESH_SECONDS": "10", "LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS": "60",
+        "LLMCO2_EMBODIED_KG_PER_GPU": "0", "LLMCO2_HARDWARE_LIFETIME_YEARS": "15",
+        "LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS": "2592000", "LLMCO2_ADMISSION_MAX_DEFER_SECONDS": "0",
+        "LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS": "60", "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "5000",
+    })
+
+
+def test_admission_fail_closed_must_be_boolean() -> None:
+    with pytest.raises(SettingsError, match=r"LLMCO2_ADMISSION_FAIL_CLOSED='sometimes': expected true or false"):
+        Settings.from_env(environ={"LLMCO2_ADMISSION_FAIL_CLOSED": "sometimes"})
+
+
+def test_live_url_with_zone_or_country_region_is_accepted() -> None:
+    url = "http://127.0.0.1:9/v3"
+    assert Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_URL": url, "LLMCO2_GRID_INTENSITY_ZONE": "US-CAL-CISO"}).grid_intensity_zone == "US-CAL-CISO"
+    assert Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_URL": url, "LLMCO2_REGION": "DE"}).grid_intensity_url == url
+
+
+def test_api_key_never_in_error_messages() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_API_KEY": "secret-key-123"})
+    assert "secret-key-123" not in str(info.value)
+
+
+def test_grid_intensity_file_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_FILE": str(missing)})
+    message = str(info.value)
+    assert "LLMCO2_GRID_INTENSITY_FILE" in message and str(missing) in message and "no such file" in message
+
+
+def test_grid_intensity_file_must_parse(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,grams_co2e_per_kwh\n2024-05-01T00:00:00Z,120\nnot-a-time,3\n")
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_FILE": str(bad)})
+    message = str(info.value)
+    assert message.startswith("LLMCO2_GRID_INTENSITY_FILE:")
+    assert str(bad) in message and "line 3" in message and "ISO-8601" in message

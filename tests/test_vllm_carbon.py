@@ -1,0 +1,289 @@
+"""Carbon endpoints and admission control in a real ``vllm serve`` (``VLLM_PLUGINS=llmco2``).
+
+Thresholds are derived from the same forecast code the server runs, for the tiny model on the
+default target GPU, so the test asks for "a cap between a small and a big request" rather than
+for fixed numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import metric_sum, parse_metrics
+from llmco2_vllm.forecast import RequestForecaster
+from llmco2_vllm.hardware import Hardware, find_gpu
+from llmco2_vllm.local_server import LocalVllmServer
+from llmco2_vllm.model_description import ModelDescription
+from llmco2_vllm.predictor import AnalyticPredictor
+from llmco2_vllm.settings import Settings
+
+SERVER_ARGS = ["--max-num-batched-tokens", "256", "--max-num-seqs", "8", "--block-size", "32"]
+SMALL = {"prompt": list(range(1, 9)), "max_tokens": 4}
+BIG = {"prompt": list(range(1, 301)), "max_tokens": 150, "n": 4}
+HIGH, LOW = 900.0, 100.0
+BUDGET_WINDOW_SECONDS = 10.0
+
+
+def http(server: LocalVllmServer, method: str, path: str, body: object = None, headers: dict | None = None, timeout: float = 120):
+    """(status, headers, JSON body) without raising on 4xx/5xx."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(
+        server.base_url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read() or b"null")
+
+
+def complete(server, body, headers=None):
+    body = {"model": "tiny-llama", "ignore_eos": True, "temperature": 0.0, **body}
+    return http(server, "POST", "/v1/completions", body, headers)
+
+
+def offline_forecaster(model_dir: Path) -> RequestForecaster:
+    config = json.loads((model_dir / "config.json").read_text())
+    model = ModelDescription.from_hf_config(config, name="tiny-llama", weight_dtype="float32", kv_cache_dtype="auto")
+    settings = Settings()
+    predictor = AnalyticPredictor(model, Hardware(find_gpu(settings.target_gpu), 1, 1, "configured"))
+    return RequestForecaster(predictor, 1, settings.embodied().grams_per_gpu_second, settings.pue)
+
+
+def grams(forecaster: RequestForecaster, body: dict, intensity: float) -> float:
+    prompts = body["prompt"]
+    return forecaster.forecast(len(prompts), body["max_tokens"], intensity, parts=body.get("n", 1)).grams_co2e
+
+
+def write_series(path: Path, rows: list[tuple[float, float]]) -> None:
+    path.write_text("timestamp,grams_co2e_per_kwh\n" + "".join(f"{t:.3f},{v}\n" for t, v in rows))
+
+
+@pytest.fixture(scope="module")
+def carbon_server(tiny_model_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("carbon")
+    forecaster = offline_forecaster(tiny_model_dir)
+    small_low, small_high, big_high = grams(forecaster, SMALL, LOW), grams(forecaster, SMALL, HIGH), grams(forecaster, BIG, HIGH)
+    assert big_high > 20 * small_high
+    series = directory / "intensity.csv"
+    write_series(series, [(0.0, HIGH)])
+    env = {
+        "VLLM_PLUGINS": "llmco2",
+        "LLMCO2_GRID_INTENSITY_FILE": str(series),
+        "LLMCO2_ADMISSION_MAX_REQUEST_GRAMS": repr((small_high * big_high) ** 0.5),
+        # Room for ~6 small requests at low intensity per window.
+        "LLMCO2_ADMISSION_BUDGET_GRAMS": repr(6.5 * small_low),
+        "LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS": str(BUDGET_WINDOW_SECONDS),
+        "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "500",
+        "LLMCO2_REQUEST_LOG": str(directory / "requests.jsonl"),
+    }
+    log = directory / "serve.log"
+    with LocalVllmServer(tiny_model_dir, SERVER_ARGS, env=env, log_path=log) as server:
+        yield {"server": server, "series": series, "forecaster": forecaster, "log": log, "small_high": small_high}
+
+
+def test_estimate_matches_the_forecast_model_and_validates_input(carbon_server):
+    server = carbon_server["server"]
+    status, _, body = http(server, "POST", "/v1/carbon/estimate", {"prompt": SMALL["prompt"], "max_tokens": 4})
+    assert status == 200, body
+    forecast = body["forecast"]
+    assert forecast["grams_co2e"] == pytest.approx(carbon_server["small_high"], rel=1e-6)
+    assert forecast["energy_j_low"] < forecast["energy_j"] < forecast["energy_j_high"]
+    assert body["admission"]["decision"] == "admitted"
+    assert body["admission_if_deferrable"] == {**body["admission_if_deferrable"], "decision": "deferred", "policy": "intensity"}
+    status, _, counted = http(server, "POST", "/v1/carbon/estimate", {"prompt_tokens": 8, "max_tokens": 4})
+    assert status == 200 and counted["forecast"]["energy_j"] == pytest.approx(forecast["energy_j"])
+    for bad, message in (
+        ({"max_tokens": 4}, "give prompt"),
+        ({"prompt_tokens": -1, "max_tokens": 4}, "prompt_tokens must be between"),
+        ({"prompt_tokens": 10, "max_tokens": 10**12}, "max_tokens must be between"),
+        ({"prompt_tokens": "ten", "max_tokens": 4}, "whole number"),
+        ({"prompt_tokens": 500, "max_tokens": 100}, "exceeds the model's context"),
+        (b"{not json", "not valid JSON"),
+    ):
+        status, _, error = http(server, "POST", "/v1/carbon/estimate", bad)
+        assert status == 400 and message in error["error"]["message"], (bad, error)
+
+
+def test_cap_rejects_big_request_and_leaves_others_alone(carbon_server):
+    server = carbon_server["server"]
+    status, headers, body = complete(server, BIG)
+    assert status == 429, body
+    assert int(headers["retry-after"]) > 0
+    assert body["error"]["llmco2"]["admission"]["policy"] == "cap"
+    assert "per-request cap" in body["error"]["message"]
+    status, headers, body = complete(server, SMALL)  # not deferrable: high intensity does not delay it
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    assert headers["x-llmco2-admission"] == "admitted; policy=none"
+    assert headers["x-llmco2-request-id"] == body["id"]
+
+
+def test_deferrable_request_waits_for_lower_intensity(carbon_server):
+    server = carbon_server["server"]
+    time.sleep(BUDGET_WINDOW_SECONDS + 1)  # the cap test's spend leaves the budget window
+    drop_at = time.time() + 8.0
+    write_series(carbon_server["series"], [(0.0, HIGH), (drop_at, LOW)])
+    started = time.monotonic()
+    status, headers, body = complete(server, SMALL, {"X-Llmco2-Deferrable": "120"})
+    waited = time.monotonic() - started
+    assert status == 200, body
+    assert headers["x-llmco2-admission"] == "admitted; policy=intensity"
+    assert time.time() >= drop_at - 0.5 and waited < 60
+    samples = parse_metrics(server.metrics_text())
+    assert metric_sum(samples, "llmco2_admission_decisions_total", decision="deferred", policy="intensity") >= 1
+    assert metric_sum(samples, "llmco2_admission_decisions_total", decision="admitted", policy="intensity") >= 1
+    status, _, body = complete(server, SMALL, {"X-Llmco2-Deferrable": "soon"})
+    assert status == 400 and "X-Llmco2-Deferrable" in body["error"]["message"]
+
+
+def test_budget_runs_out_and_refills(carbon_server):
+    server = carbon_server["server"]
+    time.sleep(BUDGET_WINDOW_SECONDS + 1)  # earlier tests' spend leaves the window
+    statuses = []
+    for _ in range(12):
+        status, headers, body = complete(server, SMALL)
+        statuses.append(status)
+        if status == 429:
+            break
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses
+    assert 3 <= len(statuses) <= 10, statuses
+    assert body["error"]["llmco2"]["admission"]["policy"] == "budget"
+    retry_after = int(headers["retry-after"])
+    assert 1 <= retry_after <= BUDGET_WINDOW_SECONDS
+    samples = parse_metrics(server.metrics_text())
+    assert metric_sum(samples, "llmco2_carbon_budget_spent_grams") > 0
+    assert metric_sum(samples, "llmco2_admission_decisions_total", decision="rejected", policy="budget") >= 1
+    time.sleep(retry_after + 1)
+    status, _, body = complete(server, SMALL)
+    assert status == 200, body
+
+
+def test_results_per_request_match_the_metrics(carbon_server):
+    server = carbon_server["server"]
+    time.sleep(BUDGET_WINDOW_SECONDS + 1)  # the budget test's spend leaves the window
+    body = {"prompt": [[5, 6, 7], list(range(1, 40))], "max_tokens": 5, "n": 2, "temperature": 1.0, "seed": 1}
+    status, _, body = complete(server, body, {"X-Llmco2-Deferrable": "30"})
+    assert status == 200, body
+    deadline = time.monotonic() + 30
+    while True:
+        status, _, result = http(server, "GET", f"/v1/carbon/requests/{body['id']}")
+        if status == 200 and result["status"] == "finished" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert result["status"] == "finished", result
+    assert result["forecast"]["parts"] == 4 and result["actual"]["output_tokens"] == 4 * 5
+    actual = result["actual"]
+    assert actual["energy_j"] == pytest.approx(actual["prefill_energy_j"] + actual["decode_energy_j"])
+    assert actual["grams_co2e"] == pytest.approx(actual["operational_grams_co2e"] + actual["embodied_grams_co2e"])
+    assert result["forecast"]["energy_j_low"] <= result["forecast"]["energy_j_high"]
+    # The bare X-Request-Id works too, and an unknown id is a clear 404.
+    assert http(server, "GET", f"/v1/carbon/requests/{body['id'].removeprefix('cmpl-')}")[0] == 200
+    status, _, missing = http(server, "GET", "/v1/carbon/requests/nope")
+    assert status == 404 and "no carbon result" in missing["error"]["message"]
+
+    # Every finished request's actual adds up to the engine's counters.
+    time.sleep(1.5)  # one publish interval: the log and the metrics are written by the same worker pass
+    records = [json.loads(line) for line in (carbon_server["log"].parent / "requests.jsonl").read_text().splitlines()]
+    samples = parse_metrics(server.metrics_text())
+    assert metric_sum(samples, "llmco2_requests_total") == len(records)
+    energy = sum(metric_sum(samples, "llmco2_energy_joules_total", source="predicted", phase=p) for p in ("prefill", "decode"))
+    assert sum(r["energy_j"] for r in records) == pytest.approx(energy, rel=1e-6)
+    operational = sum(metric_sum(samples, "llmco2_carbon_grams_total", source="calibrated", phase=p) for p in ("prefill", "decode"))
+    embodied = sum(metric_sum(samples, "llmco2_embodied_carbon_grams_total", phase=p) for p in ("prefill", "decode"))
+    assert sum(r["carbon_grams"] for r in records) == pytest.approx(operational + embodied, rel=1e-6)
+    assert metric_sum(samples, "llmco2_request_carbon_grams_sum") == pytest.approx(operational + embodied, rel=1e-6)
+    assert metric_sum(samples, "llmco2_grid_intensity_grams_per_kwh") == LOW
+    assert metric_sum(samples, "llmco2_admission_errors_total") == 0
+    assert metric_sum(samples, "llmco2_plugin_errors_total") == 0
+
+
+class FakeElectricityMaps:
+    """A local server answering like Electricity Maps v3 ``/carbon-intensity/latest``; the test sets its mode."""
+
+    def __init__(self) -> None:
+        self.mode, self.value, self.requests = "ok", HIGH, 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.requests += 1
+                if fake.mode == "hang":
+                    time.sleep(3.0)
+                if fake.mode == "error":
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                body = json.dumps({"zone": "DE", "carbonIntensity": fake.value, "datetime": "2026-11-27T00:00:00.000Z",
+                                   "updatedAt": "2026-11-27T00:00:00.000Z", "emissionFactorType": "lifecycle",
+                                   "isEstimated": False, "temporalGranularity": "hourly"}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v3"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_live_provider_outage_keeps_waiting_until_intensity_drops(tiny_model_dir, tmp_path):
+    fake = FakeElectricityMaps()
+    refresh = 10.0
+    env = {
+        "VLLM_PLUGINS": "llmco2",
+        "LLMCO2_REGION": "DE",
+        "LLMCO2_GRID_INTENSITY_URL": fake.url,
+        "LLMCO2_GRID_INTENSITY_API_KEY": "test-key",
+        "LLMCO2_GRID_INTENSITY_REFRESH_SECONDS": str(refresh),
+        "LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS": "1",
+        "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "500",
+    }
+    log = tmp_path / "serve.log"
+    result: dict = {}
+    try:
+        with LocalVllmServer(tiny_model_dir, SERVER_ARGS, env=env, log_path=log) as server:
+
+            def deferrable_request() -> None:
+                started = time.monotonic()
+                result["response"] = complete(server, SMALL, {"X-Llmco2-Deferrable": "true"})
+                result["waited"] = time.monotonic() - started
+
+            client = threading.Thread(target=deferrable_request)
+            client.start()
+            # The service hangs past the timeout, then fails: the last known (high) value stays in use.
+            for mode in ("hang", "error"):
+                fake.mode = mode
+                time.sleep(refresh + 2)
+                assert client.is_alive(), f"released during the {mode} phase: {result}"
+            fake.mode, fake.value = "ok", LOW
+            client.join(timeout=3 * refresh)
+            assert not client.is_alive()
+            status, headers, body = result["response"]
+            assert status == 200, body
+            assert headers["x-llmco2-admission"] == "admitted; policy=intensity"
+            assert result["waited"] >= 2 * refresh
+            samples = parse_metrics(server.metrics_text())
+            assert metric_sum(samples, "llmco2_admission_waiting_requests") == 0
+            deadline = time.monotonic() + 20
+            while metric_sum(samples, "llmco2_grid_intensity_errors_total") < 1 and time.monotonic() < deadline:
+                time.sleep(1)
+                samples = parse_metrics(server.metrics_text())
+            assert metric_sum(samples, "llmco2_grid_intensity_errors_total") >= 1  # the engine's provider saw them too
+            assert "test-key" not in log.read_text()
+    finally:
+        fake.close()
