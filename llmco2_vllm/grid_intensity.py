@@ -238,7 +238,7 @@ class ElectricityMapsIntensity:
         self._max_stale_seconds = 3.0 * refresh_seconds if max_stale_seconds is None else max_stale_seconds
         self._lock = threading.Lock()
         self._last: GridIntensity | None = None
-        self._last_obtained_monotonic = 0.0
+        self._last_obtained_monotonic = time.monotonic()
         self._emission_factor_type: str | None = None
         self._errors = 0
         self._successes = 0
@@ -262,12 +262,12 @@ class ElectricityMapsIntensity:
 
     @property
     def age_seconds(self) -> float:
+        """Seconds since the live service last answered (since start before it ever did).
+
+        It keeps growing while the fallback is in use, so an alert on it sees the outage.
+        """
         with self._lock:
-            last, obtained = self._last, self._last_obtained_monotonic
-        age = time.monotonic() - obtained
-        if last is not None and age <= self._max_stale_seconds:
-            return age
-        return self._fallback.age_seconds
+            return time.monotonic() - self._last_obtained_monotonic
 
     @property
     def errors(self) -> int:

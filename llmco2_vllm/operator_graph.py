@@ -24,9 +24,13 @@ roofline's op total (checked in ``tests/test_gnn.py``).
 Node features (fixed log scaling here; the GNN standardises them again with statistics stored in
 its checkpoint): log FLOPs, log weight / activation / KV / interconnect bytes, log arithmetic
 intensity, log roofline seconds (per layer), compute-bound flag, log layer multiplier, node-kind
-one-hot. Graph features: hardware, parallelism, batch summary, model dimensions and the analytic
-prediction's log time / log energy of the step, and a serving-engine flag (HF transformers
-vs vLLM; only ML.ENERGY v1 training rows set it). There is deliberately no GPU-identity one-hot.
+one-hot. Graph features: hardware as two ratios (ridge point = peak FLOP/s / bandwidth, TDP per
+bandwidth), parallelism, batch summary, model dimensions and the analytic prediction's log time /
+log energy of the step, and a serving-engine flag (HF transformers vs vLLM; only ML.ENERGY v1
+training rows set it). There is deliberately no GPU-identity one-hot, and no absolute datasheet
+figure (peak FLOP/s, bandwidth, memory, TDP, idle power, interconnect): with five training GPUs
+those let the network recognise individual GPUs, and leave-one-GPU-type-out cross-validation got
+worse with them (39.1 % vs 29.5 % MAPE with the ratios, same CV settings).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ NODE_NUMERIC = (
 )
 NODE_FEATURES = NODE_NUMERIC + tuple(f"kind_{k}" for k in NODE_KINDS)
 GRAPH_FEATURES: tuple[str, ...] = (
-    "log_peak_flops", "log_bandwidth", "log_memory_bytes", "tdp_kw", "idle_kw", "log_interconnect",
+    "log_ridge_point", "log_tdp_per_bandwidth",
     "log_num_gpus", "log_tensor_parallel", "log_pipeline_parallel",
     "log_requests", "log_prefill_tokens", "log_decode_tokens", "log_mean_context", "log_max_context",
     "prefill_token_share",
@@ -199,13 +203,12 @@ class StepGraphBuilder:
     def _model_hw_features(self) -> list[float]:
         m, hw, pp = self.model, self.hardware, self.pipeline_parallel
         gpu = hw.gpu
+        bandwidth = gpu.memory_bandwidth_bytes_per_second
+        # Hardware enters as two ratios only (see module docstring: absolute datasheet figures let the
+        # network recognise individual GPUs and did not transfer to held-out GPUs in cross-validation).
         return [
-            _log(gpu.peak_flops(_compute_dtype(m)), 1.0) / 15.0,
-            _log(gpu.memory_bandwidth_bytes_per_second, 1.0) / 12.0,
-            _log(gpu.memory_bytes, 1.0) / 11.0,
-            gpu.tdp_watts / 1000.0,
-            gpu.idle_watts_or_default() / 1000.0,
-            _log(gpu.interconnect_bytes_per_second, 1.0) / 12.0,
+            math.log10(gpu.peak_flops(_compute_dtype(m)) / bandwidth) / 3.0,  # ridge point, FLOP per byte
+            math.log10(gpu.tdp_watts / (bandwidth / 1e9)),  # watts per GB/s
             math.log2(hw.tensor_parallel * pp),
             math.log2(hw.tensor_parallel),
             math.log2(pp),

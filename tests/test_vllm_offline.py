@@ -81,8 +81,11 @@ def test_attributed_energy_sums_to_step_energy(offline_run):
     assert request_energy == pytest.approx(step_energy, rel=1e-3)
     histogram_sum = metric_sum(samples, "llmco2_request_energy_joules_sum")
     assert histogram_sum == pytest.approx(step_energy, rel=1e-3)
+    # A request's carbon: operational (of calibrated energy) + its share of the steps' embodied carbon.
     carbon = sum(
-        metric_sum(samples, "llmco2_carbon_grams_total", source="predicted", phase=phase) for phase in ("prefill", "decode")
+        metric_sum(samples, "llmco2_carbon_grams_total", source="calibrated", phase=phase)
+        + metric_sum(samples, "llmco2_embodied_carbon_grams_total", phase=phase)
+        for phase in ("prefill", "decode")
     )
     assert carbon == pytest.approx(metric_sum(samples, "llmco2_request_carbon_grams_sum"), rel=1e-3)
 
