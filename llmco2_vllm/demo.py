@@ -2,8 +2,9 @@
 
 Creates a tiny random-weight Llama under ``.demo/`` (no model hub), starts the server on
 127.0.0.1, sends requests of different prompt and output lengths (some concurrent), then prints
-each request's predicted energy and carbon (from the plugin's per-request log) and the plugin's
-metric lines from ``/metrics``, and shuts the server down.
+each request's forecast and actual energy and carbon (from ``GET /v1/carbon/requests/{id}``), an
+estimate (``POST /v1/carbon/estimate``) and the plugin's metric lines from ``/metrics``, and shuts
+the server down.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import concurrent.futures
 import json
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from .local_server import LocalVllmServer
@@ -40,7 +42,7 @@ def main() -> int:
     model_dir = make_tiny_llama(workdir / "tiny-llama")
     results_path = workdir / "requests.jsonl"
     results_path.unlink(missing_ok=True)
-    env = {"LLMCO2_REQUEST_LOG": str(results_path.resolve())}
+    env = {"LLMCO2_REQUEST_LOG": str(results_path.resolve()), "VLLM_PLUGINS": "llmco2"}
     args = ["--max-num-batched-tokens", "64", "--enable-prefix-caching", "--block-size", "32"]
     print("Starting vllm serve on 127.0.0.1 with the llmco2 plugin (log: .demo/serve.log) ...", flush=True)
     started = time.monotonic()
@@ -50,24 +52,35 @@ def main() -> int:
             responses = list(pool.map(lambda job: server.complete(prompt(job[0]), job[1]), WORKLOAD))
         records = _wait_for_records(results_path, len(WORKLOAD))
         metrics = _wait_for_metrics(server, len(WORKLOAD))
-    by_id = {record["request_id"]: record for record in records}
+        results = [_get_json(server.base_url + f"/v1/carbon/requests/{response['id']}") for response in responses]
+        estimate = server.post("/v1/carbon/estimate", {"prompt_tokens": 200, "max_tokens": 100})
     print()
-    print(f"{'request':<34} {'prompt':>6} {'cached':>6} {'output':>6} {'prefill J':>10} {'decode J':>10} {'total J':>10} {'gCO2e':>10}")
-    for response in responses:
-        record = by_id.get(response["id"]) or next((r for r in records if r["request_id"].startswith(response["id"])), None)
+    print(
+        f"{'request':<30} {'prompt':>6} {'cached':>6} {'output':>6} {'forecast J':>11} {'prefill J':>10} "
+        f"{'decode J':>10} {'actual J':>10} {'gCO2e':>10}"
+    )
+    for response, result in zip(responses, results):
         usage = response["usage"]
-        if record is None:
-            print(f"{response['id']:<34} {usage['prompt_tokens']:>6} {'?':>6} {usage['completion_tokens']:>6}  (not recorded)")
+        actual = (result or {}).get("actual")
+        if not actual:
+            print(f"{response['id'][:30]:<30} {usage['prompt_tokens']:>6} {'?':>6} {usage['completion_tokens']:>6}  (no result)")
             continue
         print(
-            f"{response['id'][:34]:<34} {usage['prompt_tokens']:>6} {record['cached_tokens']:>6} "
-            f"{usage['completion_tokens']:>6} {record['prefill_energy_j']:>10.4f} {record['decode_energy_j']:>10.4f} "
-            f"{record['energy_j']:>10.4f} {record['carbon_grams']:>10.6f}"
+            f"{response['id'][:30]:<30} {usage['prompt_tokens']:>6} {actual['cached_tokens']:>6} "
+            f"{usage['completion_tokens']:>6} {result['forecast']['energy_j']:>11.4f} {actual['prefill_energy_j']:>10.4f} "
+            f"{actual['decode_energy_j']:>10.4f} {actual['energy_j']:>10.4f} {actual['grams_co2e']:>10.6f}"
         )
     first = records[0] if records else {}
+    forecast = estimate["forecast"]
     print(
         f"\nPredicted for {first.get('gpu', '?')} ({first.get('hardware_source', '?')}: no GPU here), "
-        f"grid {first.get('region', '?')} at {first.get('grid_intensity', 0):.0f} gCO2e/kWh, PUE {first.get('pue', 1.0)}."
+        f"grid intensity {forecast['grid_intensity_grams_per_kwh']:.0f} gCO2e/kWh, PUE {first.get('pue', 1.0)}; "
+        "gCO2e = operational + embodied share."
+    )
+    print(
+        f"Estimate for 200 prompt + 100 output tokens now: {forecast['energy_j']:.3f} J "
+        f"({forecast['energy_j_low']:.3f}-{forecast['energy_j_high']:.3f}), {forecast['grams_co2e']:.6f} gCO2e; "
+        f"admission: {estimate['admission']['decision']}."
     )
     print("\nPlugin metrics on /metrics:")
     for line in metrics.splitlines():
@@ -93,6 +106,14 @@ def _wait_for_metrics(server: LocalVllmServer, count: int, timeout: float = 30.0
         if finished >= count or time.monotonic() > deadline:
             return text
         time.sleep(0.2)
+
+
+def _get_json(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
 
 
 def _wait_for_records(path: Path, count: int, timeout: float = 30.0) -> list[dict]:

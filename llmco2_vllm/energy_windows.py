@@ -40,6 +40,10 @@ class WindowResult:
     measured_j: float | None  # None without a meter
     measured_split_j: tuple[float, float, float] | None  # (prefill, decode, idle), sums to measured_j
     learned: bool  # the calibrator accepted the window
+    # Meter incidents (read errors, counter resets, lost GPUs) seen since the last window closed. The
+    # meter keeps its last good value through them, so the energy shifts into a later window: that
+    # window and the next are not learned from, although their measured energy is still exported.
+    meter_incidents: int = 0
 
 
 class WindowAccountant:
@@ -60,6 +64,8 @@ class WindowAccountant:
         self.clock = clock
         self._started = clock()
         self._meter_start = self.meter.total_energy_j() if self.meter else 0.0
+        self._incidents_seen = _meter_incidents(self.meter)
+        self._previous_window_disturbed = False
         self._prefill_j = self._decode_j = self._busy_seconds = 0.0
 
     def add_step(self, predicted_prefill_j: float, predicted_decode_j: float, wall_seconds: float) -> None:
@@ -78,6 +84,7 @@ class WindowAccountant:
         calibrated = self.calibrator.correct(prefill_j, decode_j, idle_seconds)
         measured = split = None
         learned = False
+        new_incidents = 0
         if self.meter is not None:
             total = self.meter.total_energy_j()
             measured = max(total - self._meter_start, 0.0)
@@ -91,7 +98,13 @@ class WindowAccountant:
                 )
             else:
                 split = (0.0, 0.0, measured)
-            learned = self.calibrator.update(prefill_j, decode_j, idle_seconds, measured)
+            incidents = _meter_incidents(self.meter)
+            new_incidents = incidents - self._incidents_seen
+            self._incidents_seen = incidents
+            disturbed = new_incidents > 0
+            if not disturbed and not self._previous_window_disturbed:
+                learned = self.calibrator.update(prefill_j, decode_j, idle_seconds, measured)
+            self._previous_window_disturbed = disturbed
         self._started = now
         self._prefill_j = self._decode_j = self._busy_seconds = 0.0
         return WindowResult(
@@ -104,4 +117,11 @@ class WindowAccountant:
             measured_j=measured,
             measured_split_j=split,
             learned=learned,
+            meter_incidents=new_incidents,
         )
+
+
+def _meter_incidents(meter: Meter | None) -> int:
+    """Errors, resets and losses the meter counted so far (``EnergyMeter.errors``; 0 for meters without it)."""
+    errors = getattr(meter, "errors", None)
+    return int(sum(errors.values())) if isinstance(errors, dict) else 0

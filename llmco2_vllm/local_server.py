@@ -124,6 +124,10 @@ class LocalVllmServer:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def get(self, path: str, timeout: float = 30.0) -> dict[str, Any]:
+        with urllib.request.urlopen(self.base_url + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
     def complete(self, prompt_token_ids: list[int], max_tokens: int, **extra: Any) -> dict[str, Any]:
         """A completion with a token-id prompt (the server runs without a tokenizer)."""
         body = {"model": "tiny-llama", "prompt": prompt_token_ids, "max_tokens": max_tokens,

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 PHASES = ("prefill", "decode")
 ENERGY_PHASES = ("prefill", "decode", "idle")
 TOKEN_PHASES = ("prefill", "decode", "cached")
-ERROR_STAGES = ("capture", "predict", "attribute", "calibrate", "carbon", "export")
+ERROR_STAGES = ("capture", "predict", "attribute", "calibrate", "measure", "carbon", "export")
 
 # Per-request energy spans a tiny CPU test model to long generations of large models.
 REQUEST_ENERGY_BUCKETS_J = (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)

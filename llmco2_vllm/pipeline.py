@@ -208,6 +208,9 @@ class EnginePipeline:
         m.labels(m.capture_lag).set(max(0.0, now - records[0].finished))
         for record in records:
             self._process(record)
+            # Hand the GIL back after every step: vLLM's engine loop, waiting for it, then runs at once
+            # instead of waiting out the interpreter's 5 ms switch interval behind a batch of steps.
+            time.sleep(0)
         m.labels(m.queue_depth).set(len(self.recorder))
         dropped = self.recorder.dropped
         if dropped > self._dropped_seen:
@@ -288,6 +291,9 @@ class EnginePipeline:
         except Exception as error:
             self._failed("calibrate", error)
             return
+        if result.meter_incidents:
+            # NVML trouble: the meter logged it once and keeps its last good value; count it here.
+            self.metrics.labels(self.metrics.errors, stage="measure").inc(result.meter_incidents)
         try:
             m = self.metrics
             m.labels(m.embodied_carbon, phase="idle").inc(result.idle_seconds * self.embodied_grams_per_second)

@@ -232,6 +232,7 @@ class CarbonService:
     async def admit(self, forecast: RequestForecast, wait_seconds: float) -> tuple[AdmissionDecision, float]:
         """Decide, waiting while a deferrable request is deferred; returns the decision and the wait."""
         if not self.limits.active:
+            self.metrics.decision(ADMITTED, "none")
             return AdmissionDecision(ADMITTED, "none"), 0.0
         started = self.clock()
         deadline = started + wait_seconds

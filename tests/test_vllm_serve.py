@@ -139,14 +139,19 @@ def test_promtool_accepts_metrics(served):
 
 def test_two_api_servers_count_once(tiny_model_dir, tmp_path):
     args = SERVER_ARGS + ["--api-server-count", "2"]
-    with LocalVllmServer(tiny_model_dir, args, log_path=tmp_path / "serve.log") as server:
+    env = {"VLLM_PLUGINS": "llmco2"}  # with the HTTP part: its counters add up over the API servers
+    with LocalVllmServer(tiny_model_dir, args, env=env, log_path=tmp_path / "serve.log") as server:
         requests = send_workload(server)
         samples = wait_for_requests(server, requests)
         assert_reconciles(samples, requests)
-        # Every API server serves the same totals.
+        assert metric_sum(samples, "llmco2_admission_decisions_total", decision="admitted") == requests
+        # Every API server serves the same totals, and the results of every request (shared database).
         for _ in range(4):
             again = parse_metrics(server.metrics_text())
             assert metric_sum(again, "llmco2_tokens_total") == metric_sum(samples, "llmco2_tokens_total")
+        for _ in range(4):
+            result = server.get(f"/v1/carbon/requests/{server.complete([1, 2, 3], 2)['id']}")
+            assert result["forecast"]["max_tokens"] == 2
 
 
 def test_prediction_fault_keeps_serving(tiny_model_dir, tmp_path):
