@@ -26,8 +26,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
+# Overhead and soak start real vLLM engines and servers (about 25 minutes on 2 cores); results in benchmarks/results/.
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_recording.py
+	$(VENV)/bin/python benchmarks/overhead.py
+	$(VENV)/bin/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .demo

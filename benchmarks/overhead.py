@@ -311,8 +311,8 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=8, help="A/B pairs (each arm one child process)")
-    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--pairs", type=int, default=6, help="A/B pairs (each arm one child process)")
+    parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--arrive-every", type=int, default=2, help="engine steps between request arrivals")
     parser.add_argument("--model-dir", type=Path, default=None, help="tiny model directory (created if absent)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

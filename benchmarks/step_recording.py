@@ -440,7 +440,9 @@ def render(report: dict) -> str:
         "",
         f"Machine: {m['cores']} CPU cores, {m['cpu']} (`platform.processor()` = {m['platform_processor']!r}), "
         f"{m['implementation']} {m['python']}, {m['system']}, vLLM {m['vllm']}, numpy {m['numpy']}. "
-        f"Mode: {report['mode']}; seed {SEED}; total run {report['total_seconds']:.0f} s.",
+        f"Mode: {report['mode']}; seed {SEED}; total run {report['total_seconds']:.0f} s. The machine is shared: "
+        f"1/5/15-min load average {'/'.join(f'{v:.2f}' for v in report['load_average']['before'])} before, "
+        f"{'/'.join(f'{v:.2f}' for v in report['load_average']['after'])} after (2 cores).",
         "",
         "## 1. Scheduler-thread recording cost per step (the plugin's cost in vLLM's hot loop)",
         "",
@@ -505,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         blocks, block_steps, worker_steps, forecast_calls = 60, 1000, 1000, 5000
     started = time.perf_counter()
+    load_before = os.getloadavg()
     log(f"step_recording benchmark ({'quick' if args.quick else 'full'}); importing vLLM ...")
     random.seed(SEED)
     np.random.seed(SEED)
@@ -532,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         "forecast": forecast,
     }
     report["total_seconds"] = time.perf_counter() - started
+    report["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     text = render(report)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)

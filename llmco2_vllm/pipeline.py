@@ -208,9 +208,6 @@ class EnginePipeline:
         m.labels(m.capture_lag).set(max(0.0, now - records[0].finished))
         for record in records:
             self._process(record)
-            # Hand the GIL back after every step: vLLM's engine loop, waiting for it, then runs at once
-            # instead of waiting out the interpreter's 5 ms switch interval behind a batch of steps.
-            time.sleep(0)
         m.labels(m.queue_depth).set(len(self.recorder))
         dropped = self.recorder.dropped
         if dropped > self._dropped_seen:

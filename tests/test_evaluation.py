@@ -45,5 +45,8 @@ def test_eval_quick_writes_report_and_plots(tmp_path, capsys) -> None:
         assert heading in report
     for gpu in {r["gpu"] for r in rows}:
         assert f"| {gpu} | gnn (leave-GPU-out) |" in report
+    # leave-GPU-out folds choose the unseen-hardware scale by an inner CV on their training rows only;
+    # leave-family-out folds keep every GPU seen and need none
+    assert report.count("unseen-hardware scale chosen on the training rows") == len({r["gpu"] for r in rows})
     for png in ("gnn_eval_scatter.png", "gnn_eval_cdf.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
