@@ -114,8 +114,10 @@ def cross_validate(data, key: Callable[[dict], str], learner: Learner, log: list
         central[test], low[test], high[test] = learner(data, train, test)
         log.append(f"  fold {held_out!r}: train {len(train)} rows, test {len(test)} rows, "
                    f"{time.perf_counter() - start:.1f} s")
-        if bar is not None:
+        if bar is not None and not bar.disable:
             bar.update(1)
+        else:  # no terminal: one line per fold instead of a bar
+            print(log[-1].strip(), file=sys.stderr, flush=True)
     return central, low, high
 
 
@@ -326,6 +328,8 @@ def _report(rows, meas, preds, intervals, learned, log, members, epochs, samples
         "![error CDF](gnn_eval_cdf.png)",
         "",
         "## Fold log",
+        "",
+        "Inner-fold lines (the nested choice of the unseen-hardware scale) precede the outer fold they belong to.",
         "",
         "```",
         *log,

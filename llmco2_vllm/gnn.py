@@ -185,8 +185,8 @@ def is_known_hardware(signature: Sequence[float], known: Sequence[Sequence[float
 
 #: Load-time grid the GNN is evaluated on to distil its correction into a closed form (request forecasts).
 DISTIL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DISTIL_PREFILL_TOKENS = (16, 64, 256, 1024, 4096, 16384)
-DISTIL_DECODE_CONTEXTS = (16, 64, 256, 1024, 4096, 16384, 65536)
+DISTIL_PREFILL_TOKENS = tuple(2**k for k in range(4, 15))  # 16 .. 16384
+DISTIL_DECODE_CONTEXTS = tuple(2**k for k in range(4, 17))  # 16 .. 65536
 
 
 class DistilledCorrection:

@@ -185,18 +185,22 @@ class EnginePipeline:
         next_publish = time.monotonic() + self.settings.flush_interval_seconds
         dirty = True
         while not self._stop.is_set():
-            if self.process_pending():
-                dirty = True
-            else:
-                self._idle.set()
-                self._stop.wait(0.005)
-            if self.windows.due():
-                self.close_window()
-                dirty = True
-            if dirty and time.monotonic() >= next_publish:
-                self._publish()
-                dirty = False
-                next_publish = time.monotonic() + self.settings.flush_interval_seconds
+            try:
+                if self.process_pending():
+                    dirty = True
+                else:
+                    self._idle.set()
+                    self._stop.wait(0.005)
+                if self.windows.due():
+                    self.close_window()
+                    dirty = True
+                if dirty and time.monotonic() >= next_publish:
+                    self._publish()
+                    dirty = False
+                    next_publish = time.monotonic() + self.settings.flush_interval_seconds
+            except Exception as error:  # a dead worker would freeze every metric and fill the queue
+                self._failed("export", error)
+                self._stop.wait(0.1)
 
     def process_pending(self) -> int:
         records = self.recorder.drain()
@@ -207,7 +211,10 @@ class EnginePipeline:
         m = self.metrics
         m.labels(m.capture_lag).set(max(0.0, now - records[0].finished))
         for record in records:
-            self._process(record)
+            try:
+                self._process(record)
+            except Exception as error:  # a part without its own guard: count it, keep the worker alive
+                self._failed("attribute", error)
         m.labels(m.queue_depth).set(len(self.recorder))
         dropped = self.recorder.dropped
         if dropped > self._dropped_seen:

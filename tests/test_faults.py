@@ -171,6 +171,34 @@ def test_nvml_failing_mid_run_is_counted_once_logged_once_and_not_double_counted
     meter.close()
 
 
+def test_unexpected_failure_in_the_worker_is_counted_and_the_worker_survives(caplog):
+    """A part of step processing without its own guard raises: before this was fixed, the worker thread died,
+    every metric froze and the capture queue filled up."""
+    from step_recording import MODEL_ID, StepSimulator, make_pipeline
+
+    pipeline = make_pipeline("worker-fault")
+    labels = {"model_name": MODEL_ID, "engine": "worker-fault"}
+
+    def broken_finish(request_id):
+        raise KeyError("injected ledger failure")
+
+    pipeline.ledger.finish = broken_finish
+    sim = StepSimulator(8, random.Random(5), "w")
+    with caplog.at_level(logging.ERROR, logger="llmco2_vllm"):
+        pipeline.start()
+        try:
+            for _ in range(50):
+                pipeline.recorder.record(sim.step(), {}, time.perf_counter())
+            assert pipeline.wait_idle(timeout=30)
+            assert pipeline._thread is not None and pipeline._thread.is_alive()
+        finally:
+            pipeline.stop()
+    assert pipeline.steps_processed == 50
+    assert pipeline.registry.get_sample_value("llmco2_steps_total", labels) == 50
+    assert pipeline.registry.get_sample_value("llmco2_plugin_errors_total", {**labels, "stage": "attribute"}) > 0
+    assert len([r for r in caplog.records if "injected ledger failure" in r.getMessage()]) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Start-up faults, on vLLM's real config object of the tiny model
 # --------------------------------------------------------------------------------------------
