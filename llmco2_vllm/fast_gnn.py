@@ -117,8 +117,8 @@ def distil_in_child_process(model: ModelDescription, hardware: Hardware, pipelin
 class DistilledGnnPredictor:
     """``StepPredictor`` "gnn" for the plugin: analytic step prediction x the distilled GNN correction.
 
-    Never raises: when the table cannot be built it predicts with the analytic model and warns once
-    (``fallback_reason`` says why).
+    Never raises: when the table cannot be built it predicts with the analytic model, warns once
+    (``fallback_reason`` says why) and is named "analytic-fallback" (``llmco2_target_info{predictor}``).
     """
 
     name = "gnn"
@@ -138,6 +138,7 @@ class DistilledGnnPredictor:
                 table = distil_in_child_process(model, hardware, pipeline_parallel)
             except Exception as error:  # any failure means "use the analytic model"
                 self.fallback_reason = str(error)
+                self.name = "analytic-fallback"
                 warnings.warn(
                     f"llmco2 gnn predictor ({model.name}): falling back to the analytic predictor: {error}",
                     RuntimeWarning,

@@ -44,12 +44,13 @@ def forecast_static_batch(
     """Energy and time of a static batch (see module docstring)."""
     if batch_size < 1 or prompt_tokens < 1 or output_tokens < 1:
         raise ValueError("batch_size, prompt_tokens and output_tokens must each be at least 1")
-    roofline = getattr(predictor, "roofline", None)
-    if isinstance(predictor, AnalyticPredictor) and roofline is not None:
-        # The analytic model has a closed form per step: a few float evaluations, no arrays.
-        prefill_seconds, prefill_j, decode_seconds, decode_j = roofline.static_batch(
-            batch_size, prompt_tokens, output_tokens
-        )
+    # The analytic model (and the GNN's distilled correction of it) has a closed form per step:
+    # a few float evaluations, no arrays.
+    closed_form = getattr(predictor, "static_batch", None)
+    if closed_form is None and isinstance(predictor, AnalyticPredictor):
+        closed_form = predictor.roofline.static_batch
+    if closed_form is not None:
+        prefill_seconds, prefill_j, decode_seconds, decode_j = closed_form(batch_size, prompt_tokens, output_tokens)
         return BatchForecast(
             batch_size, prompt_tokens, output_tokens, prefill_j, decode_j, prefill_seconds, decode_seconds
         )
@@ -181,9 +182,11 @@ class RequestForecaster:
 
     def __init__(self, predictor: StepPredictor, num_gpus: int, embodied_grams_per_gpu_second: float, pue: float) -> None:
         self.predictor = predictor
-        self.uncalibrated_ratio_range = (
-            ANALYTIC_RATIO_RANGE if isinstance(predictor, AnalyticPredictor) else OTHER_PREDICTOR_RATIO_RANGE
-        )
+        own_range = getattr(predictor, "ratio_range", None)  # the distilled GNN's, from its residuals
+        if isinstance(predictor, AnalyticPredictor) or getattr(predictor, "is_fallback", False):
+            self.uncalibrated_ratio_range = ANALYTIC_RATIO_RANGE
+        else:
+            self.uncalibrated_ratio_range = tuple(own_range) if own_range else OTHER_PREDICTOR_RATIO_RANGE
         self.num_gpus = num_gpus
         self.embodied_grams_per_gpu_second = embodied_grams_per_gpu_second
         self.pue = pue

@@ -18,7 +18,6 @@ plus a JSON sidecar with the same stem holding the configuration and metadata.
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import warnings
@@ -32,6 +31,7 @@ from torch import nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.nn import SAGEConv, global_max_pool, global_mean_pool
 
+from .fast_gnn import CorrectionTable
 from .hardware import Hardware
 from .model_description import ModelDescription
 from .operator_graph import GRAPH_FEATURES, NODE_FEATURES, StepGraphBuilder, UnsupportedGraphError
@@ -189,7 +189,7 @@ DISTIL_PREFILL_TOKENS = tuple(2**k for k in range(4, 15))  # 16 .. 16384
 DISTIL_DECODE_CONTEXTS = tuple(2**k for k in range(4, 17))  # 16 .. 65536
 
 
-class DistilledCorrection:
+class DistilledCorrection(CorrectionTable):
     """The ensemble's mean log correction of ONE (model, hardware), tabulated for the fast path.
 
     At load time the GNN is evaluated once (one batched forward) on the static-batch grid above
@@ -204,30 +204,15 @@ class DistilledCorrection:
         prefill = [StepShape.static_batch_prefill(b, t) for b in DISTIL_BATCH_SIZES for t in DISTIL_PREFILL_TOKENS]
         decode = [StepShape.static_batch_decode(b, t) for b in DISTIL_BATCH_SIZES for t in DISTIL_DECODE_CONTEXTS]
         logs = scale * ensemble.log_factors([builder.build(step)[0] for step in prefill + decode]).mean(0).double().numpy()
-        self.log_batch = [math.log(b) for b in DISTIL_BATCH_SIZES]
-        self.log_tokens = ([math.log(t) for t in DISTIL_PREFILL_TOKENS], [math.log(t) for t in DISTIL_DECODE_CONTEXTS])
         shape = (len(DISTIL_BATCH_SIZES), len(DISTIL_PREFILL_TOKENS))
-        self.tables = (
-            logs[: len(prefill), 0].reshape(shape).tolist(),
-            logs[len(prefill):, 1].reshape(len(DISTIL_BATCH_SIZES), len(DISTIL_DECODE_CONTEXTS)).tolist(),
+        super().__init__(
+            [math.log(b) for b in DISTIL_BATCH_SIZES],
+            ([math.log(t) for t in DISTIL_PREFILL_TOKENS], [math.log(t) for t in DISTIL_DECODE_CONTEXTS]),
+            (
+                logs[: len(prefill), 0].reshape(shape).tolist(),
+                logs[len(prefill):, 1].reshape(len(DISTIL_BATCH_SIZES), len(DISTIL_DECODE_CONTEXTS)).tolist(),
+            ),
         )
-
-    @staticmethod
-    def _locate(grid: list[float], value: float) -> tuple[int, float]:
-        """(cell index, position 0..1 inside the cell) of ``value`` clamped to the grid."""
-        if value <= grid[0]:
-            return 0, 0.0
-        if value >= grid[-1]:
-            return len(grid) - 2, 1.0
-        i = bisect.bisect_right(grid, value) - 1
-        return i, (value - grid[i]) / (grid[i + 1] - grid[i])
-
-    def log_factor(self, phase: int, batch_size: float, tokens: float) -> float:
-        """Log correction of the prefill (phase 0; tokens = prompt tokens) or decode (1; tokens = context)."""
-        i, a = self._locate(self.log_batch, math.log(max(batch_size, 1.0)))
-        j, b = self._locate(self.log_tokens[phase], math.log(max(tokens, 1.0)))
-        t = self.tables[phase]
-        return (1 - a) * ((1 - b) * t[i][j] + b * t[i][j + 1]) + a * ((1 - b) * t[i + 1][j] + b * t[i + 1][j + 1])
 
 
 def default_checkpoint_path() -> Path:

@@ -103,16 +103,19 @@ def load_predictor(
     model: ModelDescription,
     hardware: Hardware,
     pipeline_parallel: int = 1,
+    in_server: bool = False,
 ) -> StepPredictor:
     """Build a predictor by name: ``analytic``, ``gnn`` (the shipped LLMCO2 checkpoint; needs torch
     and torch-geometric), or ``package.module:Class`` for a custom one.
 
-    A custom class is called as ``Class(model=..., hardware=..., pipeline_parallel=...)``.
+    ``in_server``: inside vLLM's processes "gnn" is the distilled table (``fast_gnn``), built in a
+    child process so torch-geometric never loads beside vLLM. A custom class is called as
+    ``Class(model=..., hardware=..., pipeline_parallel=...)``.
     """
     if name == "analytic":
         return AnalyticPredictor(model, hardware, pipeline_parallel)
     if name == "gnn":
-        name = "llmco2_vllm.gnn:GnnPredictor"
+        name = "llmco2_vllm.fast_gnn:DistilledGnnPredictor" if in_server else "llmco2_vllm.gnn:GnnPredictor"
     if ":" not in name:
         raise PredictorLoadError(
             f"Unknown predictor {name!r}. Use 'analytic', 'gnn' or an import path 'package.module:Class'."

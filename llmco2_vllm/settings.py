@@ -36,7 +36,7 @@ class Settings:
     region: str = "WORLD"  # grid region code (ISO 3166 country, eGRID subregion, WORLD)
     grid_intensity: float | None = None  # gCO2e/kWh; overrides the region's annual average
     pue: float = 1.0  # 1.0 = GPU-only boundary; set your facility's power usage effectiveness
-    predictor: str = "analytic"  # "gnn" (LLMCO2 checkpoint, not yet the default: see benchmarks/results/gnn_eval.md) or "package.module:Class"
+    predictor: str = "gnn"  # LLMCO2 GNN (distilled for the hot path), "analytic" (roofline only) or "package.module:Class"
     queue_capacity: int = 8192  # steps waiting for the worker before new ones are dropped (and counted)
     flush_interval_seconds: float = 0.5  # how often the engine publishes metrics to the API server
     max_tracked_requests: int = 100_000  # running requests kept in the attribution ledger

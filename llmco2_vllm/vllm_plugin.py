@@ -182,7 +182,7 @@ def build_engine_pipeline(vllm_config: Any):
     hardware, parallel = deployment.hardware, vllm_config.parallel_config
     if hardware.source == "configured":
         logger.info("llmco2: no NVIDIA GPU visible; predicting for the configured target %s", hardware.gpu.name)
-    predictor = load_predictor(settings.predictor, deployment.model, hardware, deployment.pipeline_parallel)
+    predictor = load_predictor(settings.predictor, deployment.model, hardware, deployment.pipeline_parallel, in_server=True)
     engine = str(getattr(parallel, "data_parallel_rank", 0) or 0)
     run_dir = os.environ.get(RUN_DIR_VARIABLE)
     snapshot = Path(run_dir) / f"engine-{engine}.prom" if run_dir and not multiprocess_mode() else None

@@ -77,6 +77,7 @@ def carbon_server(tiny_model_dir, tmp_path_factory):
     write_series(series, [(0.0, HIGH)])
     env = {
         "VLLM_PLUGINS": "llmco2",
+        "LLMCO2_PREDICTOR": "analytic",  # the thresholds above come from the analytic forecast
         "LLMCO2_GRID_INTENSITY_FILE": str(series),
         "LLMCO2_ADMISSION_MAX_REQUEST_GRAMS": repr((small_high * big_high) ** 0.5),
         # Room for two small requests at high intensity (~10 at low) per window.
