@@ -124,9 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def console_main() -> int:
+    """The ``llmco2`` command: like other CLIs, ``llmco2 gpus | head`` ends quietly."""
     if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `llmco2 gpus | head` ends quietly, like other CLIs
+        # Only in the command's own process: main() also runs inside other programs (tests, notebooks).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return main()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "predict":
@@ -287,4 +293,4 @@ def _cell(value: object) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -20,7 +20,7 @@ def test_defaults_validate() -> None:
     assert settings.pue == 1.0
     assert settings.region == "WORLD"
     assert settings.grid_intensity is None
-    assert settings.predictor == "analytic"
+    assert settings.predictor == "gnn"
     Settings().validate()  # no exception
 
 

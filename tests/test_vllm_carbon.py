@@ -226,7 +226,8 @@ class FakeElectricityMaps:
             def do_GET(self) -> None:
                 fake.requests += 1
                 if fake.mode == "hang":
-                    time.sleep(3.0)
+                    time.sleep(3.0)  # past the client's timeout: it has gone, so answer nothing
+                    return
                 if fake.mode == "error":
                     self.send_response(500)
                     self.end_headers()
