@@ -21,9 +21,9 @@ from .calibration import OnlineCalibrator
 from .capture import StepRecord, StepRecorder, StepShapeBuilder
 from .carbon import JOULES_PER_KWH, EmbodiedCarbon, GridIntensity
 from .energy_windows import Meter, WindowAccountant
+from .grid_intensity import IntensityProvider, StaticIntensity
 from .hardware import Hardware
 from .metrics import ENERGY_PHASES, PHASES, PluginMetrics, SnapshotWriter
-from .grid_intensity import IntensityProvider, StaticIntensity
 from .predictor import StepPredictor
 from .request_results import RequestActual, RequestResultStore, actual_from_energy
 from .settings import Settings

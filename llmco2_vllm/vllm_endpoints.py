@@ -541,7 +541,9 @@ def build_carbon_service(engine_client: Any) -> CarbonService | None:
         return None
     vllm_config = engine_client.vllm_config
     deployment = describe_deployment(vllm_config, settings)
-    predictor = load_predictor(settings.predictor, deployment.model, deployment.hardware, deployment.pipeline_parallel, in_server=True)
+    predictor = load_predictor(
+        settings.predictor, deployment.model, deployment.hardware, deployment.pipeline_parallel, in_server=True
+    )
     forecaster = RequestForecaster(
         predictor,
         deployment.hardware.num_gpus,
