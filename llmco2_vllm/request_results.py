@@ -148,12 +148,11 @@ class RequestResultStore:
                 "embodied_grams_co2e": row["embodied_grams"],
                 "grams_co2e": row["operational_grams"] + row["embodied_grams"],
             }
-        return {
-            "id": row["request_id"],
-            "status": "finished" if finished else "running",
-            "forecast": json.loads(row["forecast"]) if row["forecast"] else None,
-            "actual": actual,
-        }
+        forecast = json.loads(row["forecast"]) if row["forecast"] else None
+        status = "finished" if finished else "running"
+        if forecast is not None and forecast.get("admission", {}).get("decision") == "rejected":
+            status = "rejected"
+        return {"id": row["request_id"], "status": status, "forecast": forecast, "actual": actual}
 
     def spent_grams(self, since: float) -> float:
         """Carbon of the requests admitted since ``since``: actual when finished, else the larger of forecast and actual so far."""

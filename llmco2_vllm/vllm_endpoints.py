@@ -283,7 +283,9 @@ class CarbonService:
         payload = forecast.to_json()
         payload["prompt_tokens_estimated"] = shape.prompt_tokens_estimated
         payload["admission"] = decision.to_json()
-        await self._run(self.store.record_forecast, request_id, payload, forecast.grams_co2e, shape.parts)
+        # A rejected request keeps its forecast for the client but reserves nothing from the budget.
+        reserved = forecast.grams_co2e if decision.decision == ADMITTED else 0.0
+        await self._run(self.store.record_forecast, request_id, payload, reserved, shape.parts)
 
     async def result(self, request_id: str) -> dict[str, Any] | None:
         for candidate in (request_id, f"cmpl-{request_id}", f"chatcmpl-{request_id}"):

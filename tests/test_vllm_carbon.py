@@ -166,6 +166,8 @@ def test_budget_runs_out_and_refills(carbon_server):
     assert statuses[0] == 200 and statuses[-1] == 429, statuses
     assert 3 <= len(statuses) < 40, statuses
     assert body["error"]["llmco2"]["admission"]["policy"] == "budget"
+    rejected = http(server, "GET", f"/v1/carbon/requests/{headers['x-llmco2-request-id']}")[2]
+    assert rejected["status"] == "rejected" and rejected["actual"] is None
     retry_after = int(headers["retry-after"])
     assert 1 <= retry_after <= BUDGET_WINDOW_SECONDS
     samples = parse_metrics(server.metrics_text())
