@@ -178,13 +178,21 @@ class DistilledGnnPredictor:
         )
 
     def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
-        """(prefill_seconds, prefill_j, decode_seconds, decode_j): the analytic closed form x the table."""
-        prefill_s, prefill_j, decode_s, decode_j = self.roofline.static_batch(batch_size, prompt_tokens, output_tokens)
-        if self.table is None:
-            return prefill_s, prefill_j, decode_s, decode_j
-        fp = math.exp(self.table.log_factor(0, batch_size, prompt_tokens))
-        fd = math.exp(self.table.log_factor(1, batch_size, prompt_tokens + (output_tokens - 2) / 2))
-        return prefill_s * fp, prefill_j * fp, decode_s * fd, decode_j * fd
+        return corrected_static_batch(self.roofline, self.table, batch_size, prompt_tokens, output_tokens)
+
+
+def corrected_static_batch(
+    roofline: Any, table: CorrectionTable | None, batch_size: int, prompt_tokens: int, output_tokens: int
+) -> tuple[float, float, float, float]:
+    """(prefill_seconds, prefill_j, decode_seconds, decode_j) of a static batch: the analytic closed
+    form (``Roofline.static_batch``) times the table's correction of each phase; decode at the mean
+    context of its O-1 steps. Without a table, the analytic value."""
+    prefill_s, prefill_j, decode_s, decode_j = roofline.static_batch(batch_size, prompt_tokens, output_tokens)
+    if table is None:
+        return prefill_s, prefill_j, decode_s, decode_j
+    fp = math.exp(table.log_factor(0, batch_size, prompt_tokens))
+    fd = math.exp(table.log_factor(1, batch_size, prompt_tokens + (output_tokens - 2) / 2))
+    return prefill_s * fp, prefill_j * fp, decode_s * fd, decode_j * fd
 
 
 def _main() -> int:

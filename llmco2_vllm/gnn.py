@@ -31,7 +31,7 @@ from torch import nn
 from torch_geometric.data import Batch, Data
 from torch_geometric.nn import SAGEConv, global_max_pool, global_mean_pool
 
-from .fast_gnn import CorrectionTable
+from .fast_gnn import CorrectionTable, corrected_static_batch
 from .hardware import Hardware
 from .model_description import ModelDescription
 from .operator_graph import GRAPH_FEATURES, NODE_FEATURES, StepGraphBuilder, UnsupportedGraphError
@@ -275,18 +275,8 @@ class GnnPredictor:
         return self.ensemble is None
 
     def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
-        """(prefill_seconds, prefill_j, decode_seconds, decode_j) of a static batch: the fast path.
-
-        The analytic closed form (``Roofline.static_batch``) times the distilled GNN correction of
-        each phase; decode uses the correction at the mean context of the O-1 decode steps. Same
-        signature as ``Roofline.static_batch``. Without a GNN (fallback) it is the analytic value.
-        """
-        prefill_s, prefill_j, decode_s, decode_j = self.analytic.roofline.static_batch(batch_size, prompt_tokens, output_tokens)
-        if self.distilled is None:
-            return prefill_s, prefill_j, decode_s, decode_j
-        fp = math.exp(self.distilled.log_factor(0, batch_size, prompt_tokens))
-        fd = math.exp(self.distilled.log_factor(1, batch_size, prompt_tokens + (output_tokens - 2) / 2))
-        return prefill_s * fp, prefill_j * fp, decode_s * fd, decode_j * fd
+        """The fast path for request forecasts: the analytic closed form x the distilled correction."""
+        return corrected_static_batch(self.analytic.roofline, self.distilled, batch_size, prompt_tokens, output_tokens)
 
     def _member_logs(self, step: StepShape) -> tuple[torch.Tensor, StepPrediction]:
         assert self.builder is not None and self.ensemble is not None
