@@ -18,8 +18,10 @@ import math
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 from .hardware import Hardware, find_gpu
 from .model_description import ModelDescription
@@ -160,21 +162,24 @@ class DistilledGnnPredictor:
         if table is None:
             return prediction
         prefill_factor = decode_factor = 1.0
-        prefill_requests = int((step.prefill_tokens > 0).sum())
+        prefill_requests = int(np.count_nonzero(step.prefill_tokens))
         if prefill_requests:
             mean_prompt = step.total_prefill_tokens / prefill_requests
             prefill_factor = math.exp(table.log_factor(0, prefill_requests, mean_prompt))
-        decoding = step.decode_tokens > 0
-        decode_requests = int(decoding.sum())
+        decode_requests = int(np.count_nonzero(step.decode_tokens))
         if decode_requests:
-            mean_context = float(step.context_tokens[decoding].mean())
+            if decode_requests == step.num_requests:
+                mean_context = float(step.context_tokens.sum()) / decode_requests
+            else:
+                mean_context = float(step.context_tokens[step.decode_tokens > 0].mean())
             decode_factor = math.exp(table.log_factor(1, decode_requests, mean_context))
-        return replace(
-            prediction,
-            prefill_seconds=prediction.prefill_seconds * prefill_factor,
-            prefill_energy_j=prediction.prefill_energy_j * prefill_factor,
-            decode_seconds=prediction.decode_seconds * decode_factor,
-            decode_energy_j=prediction.decode_energy_j * decode_factor,
+        return StepPrediction(
+            prediction.prefill_seconds * prefill_factor,
+            prediction.decode_seconds * decode_factor,
+            prediction.prefill_energy_j * prefill_factor,
+            prediction.decode_energy_j * decode_factor,
+            prediction.request_prefill_weights,
+            prediction.request_decode_weights,
         )
 
     def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
