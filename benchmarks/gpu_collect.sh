@@ -10,10 +10,22 @@
 # Time budget, < 8 minutes of wall time in all (a device session has 15 minutes including the
 # machine's start, so this leaves room for one rerun):
 #   - checks                                     ~10 s
-#   - Llama-3.1-8B-Instruct, --quick, 14 shapes  ~1-2 min (all 32 layers fit; hard cap 240 s)
-#   - Qwen3-30B-A3B (MoE), --quick, only if at most 240 s have passed so far: ~2-3 min
-#     (on an H100 only ~35 of 48 layers fit, so it also exercises the per-layer scaling and the
-#     separate head window; hard cap 200 s)
+#   - benchmarks/nvml_probe.py                   ~15 s (hard cap 60 s)
+#   - Llama-3.1-8B-Instruct, --quick, 14 shapes  ~1 min (all 32 layers fit; hard cap 240 s)
+#   - Qwen3-30B-A3B (MoE), --quick: ~1-2 min (on an H100 only ~35 of 48 layers fit, so it also
+#     exercises the per-layer scaling and the separate head window; hard cap 200 s)
+#   - EXTRA_MODELS: more "name model-id cap-seconds" lines
+# A model starts only while fewer than START_BEFORE (300) seconds have passed.
+# Environment: SKIP_PROBE=1 skips the NVML probe; COLLECT_ARGS adds flags to every collect run
+# (e.g. --no-cuda-graphs); SUFFIX is appended to output names.
+#
+# Runs committed so far (benchmarks/results/h200_2026-11-27/):
+#   1. eager steps, MoE experts as a Python loop (before CUDA graphs and grouped experts):
+#      bash benchmarks/gpu_collect.sh                              -> collect_{llama8b,qwen3_30b_a3b}.csv
+#   2. SKIP_PROBE=1 SUFFIX=_graphs EXTRA_MODELS="qwen3_32b Qwen/Qwen3-32B 150" bash benchmarks/gpu_collect.sh
+# and on a lent H100 (benchmarks/results/h100_2026-11-27/):
+#   3. SUFFIX=_graphs EXTRA_MODELS="qwen3_32b Qwen/Qwen3-32B 150" bash benchmarks/gpu_collect.sh
+# Reports: python benchmarks/gpu_report.py -> each folder's README.md and results/gpu_measurements.md
 # Each CSV is written row by row, so a run cut by its timeout keeps the shapes it finished.
 set -uo pipefail
 
@@ -28,20 +40,28 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.mem,temp
 "$PYTHON" -c 'import pynvml; print("pynvml ok")' || echo "pynvml missing: energy columns will be empty"
 [ -f llmco2_vllm/energy_meter.py ] || echo "llmco2_vllm/energy_meter.py missing: energy columns will be empty"
 
-echo "== Llama-3.1-8B-Instruct (quick)"
-timeout 240 "$PYTHON" -m llmco2_vllm.collect --quick \
-    --model meta-llama/Llama-3.1-8B-Instruct --out "$OUT/collect_llama8b.csv" 2>&1 | tee "$OUT/collect_llama8b.log"
-echo "exit status ${PIPESTATUS[0]} after ${SECONDS} s"
-
-if [ "$SECONDS" -le 240 ]; then
-    echo "== Qwen3-30B-A3B-Instruct-2507 (MoE, quick)"
-    timeout 200 "$PYTHON" -m llmco2_vllm.collect --quick \
-        --model Qwen/Qwen3-30B-A3B-Instruct-2507 --out "$OUT/collect_qwen3_30b_a3b.csv" 2>&1 \
-        | tee "$OUT/collect_qwen3_30b_a3b.log"
-    echo "exit status ${PIPESTATUS[0]} after ${SECONDS} s"
-else
-    echo "== skipping the second model: ${SECONDS} s already used"
+if [ "${SKIP_PROBE:-0}" != 1 ]; then
+    echo "== NVML probe (read cost, counter cadence, counter vs power; ~15 s)"
+    timeout 60 "$PYTHON" benchmarks/nvml_probe.py --out "$OUT" > "$OUT/nvml_probe.log" 2>&1
+    echo "exit status $? after ${SECONDS} s"; tail -n 60 "$OUT/nvml_probe.log"
 fi
+
+# name  catalog model id  hard cap (s); a model starts only while under START_BEFORE s have passed
+START_BEFORE="${START_BEFORE:-300}"
+while read -r name model cap; do
+    [ -n "$name" ] || continue
+    if [ "$SECONDS" -gt "$START_BEFORE" ]; then
+        echo "== skipping $model: ${SECONDS} s already used"; continue
+    fi
+    echo "== $model (quick)"
+    timeout "$cap" "$PYTHON" -m llmco2_vllm.collect --quick ${COLLECT_ARGS:-} \
+        --model "$model" --out "$OUT/collect_${name}${SUFFIX:-}.csv" 2>&1 | tee "$OUT/collect_${name}${SUFFIX:-}.log"
+    echo "exit status ${PIPESTATUS[0]} after ${SECONDS} s"
+done <<MODELS
+llama8b meta-llama/Llama-3.1-8B-Instruct 240
+qwen3_30b_a3b Qwen/Qwen3-30B-A3B-Instruct-2507 200
+${EXTRA_MODELS:-}
+MODELS
 
 echo "== results (seconds_per_step, energy_j_per_step vs predicted)"
 for csv_file in "$OUT"/collect_*.csv; do
@@ -53,6 +73,7 @@ for r in csv.DictReader(open(sys.argv[1])):
     print(f"{r['phase']:7} b{r['batch_size']:>4} p{r['prompt_tokens']:>5} c{r['context_tokens']:>5} "
           f"L{r['layers_measured']}/{r['layers_total']} {r['seconds_per_step'] or '-':>10} s "
           f"(pred {r['predicted_seconds_per_step'] or '-':>10}) {r['energy_j_per_step'] or '-':>10} J "
-          f"(pred {r['predicted_energy_j_per_step'] or '-':>10}) complete={r['complete']}")
+          f"(pred {r['predicted_energy_j_per_step'] or '-':>10}) complete={r['complete']} "
+          f"graph={r.get('cuda_graph', '')} experts={r.get('experts_kernel', '')}")
 PY
 done

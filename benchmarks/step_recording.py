@@ -10,7 +10,7 @@ run). Prints a markdown report and writes ``benchmarks/results/step_recording.md
    ``schedule() + update_from_output()`` of every step, for the wrapped and the bare stub, in
    interleaved blocks (order alternating) with the garbage collector off. The plugin's cost is the
    difference. The recorder is emptied between blocks, outside the timed region.
-2. Worker throughput (off the scheduler thread): steady-state decode-heavy steps (running requests
+2. Worker throughput (off the scheduler thread; in the worker process by default): steady-state decode-heavy steps (running requests
    with 500-2000 tokens of context, a few whole-prompt prefills, requests finishing and replaced)
    are recorded into a real ``EnginePipeline`` and ``process_pending()`` is timed.
 3. Forecast latency: ``AnalyticPredictor.predict_step`` on single-request prefill/decode steps, and a
@@ -358,6 +358,33 @@ def bench_worker(steps: int, warmup: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# 2b. Forwarding (what stays in the engine process with the default worker process)
+# --------------------------------------------------------------------------------------------
+def bench_forwarder(steps: int) -> list[dict]:
+    """Engine-process cost per step of ``WorkerProcess.forward_pending``: compact + pickle, in batches."""
+    import pickle
+
+    from llmco2_vllm.capture import StepRecord, compact_step
+    from llmco2_vllm.worker_process import FORWARD_BATCH
+
+    results = []
+    for batch in BATCH_SIZES:
+        rng = random.Random(SEED + 2000 + batch)
+        sim = StepSimulator(batch, rng, f"f{batch}")
+        records = [StepRecord(sim.step(), {}, 0.0, 0.0, 0.0) for _ in range(steps)]
+        sizes = []
+        t0 = time.perf_counter()
+        for start in range(0, steps, FORWARD_BATCH):
+            message = ("steps", [compact_step(r) for r in records[start:start + FORWARD_BATCH]], 0, [])
+            sizes.append(len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+        elapsed = time.perf_counter() - t0
+        row = {"batch": batch, "steps": steps, "us_per_step": elapsed / steps * 1e6, "bytes_per_step": sum(sizes) / steps}
+        results.append(row)
+        log(f"  forwarder batch {batch:>3}: {row['us_per_step']:.1f} us/step, {row['bytes_per_step']:.0f} bytes/step")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
 # 3. Forecast latency
 # --------------------------------------------------------------------------------------------
 def bench_forecast(calls: int, warmup: int) -> list[dict]:
@@ -463,7 +490,7 @@ def render(report: dict) -> str:
         )
     lines += [
         "",
-        "## 2. Worker throughput (worker thread, off the scheduler thread)",
+        "## 2. Worker throughput (`EnginePipeline`: in the worker process by default, else a worker thread)",
         "",
         f"Real `EnginePipeline` ({MODEL_ID}, analytic predictor, 1 x {GPU}): steady-state decode-heavy steps "
         "(running requests with 500-2000 tokens of context, batch/16 whole-prompt prefills of 256-2048 tokens per "
@@ -482,6 +509,20 @@ def render(report: dict) -> str:
             f"| {r['steps']} | {r['steps_per_s']:.0f} | {r['us_per_step']:.0f} | {r['predicted_h100_decode_step_ms']:.2f} "
             f"| {r['share_of_5ms_step']:.1%} |"
         )
+    lines += [
+        "",
+        "## 2b. Forwarding cost in the engine process (the default, `LLMCO2_WORKER=process`)",
+        "",
+        "With the default worker process, the engine process does only the scheduler hook (section 1) and, on its "
+        "forwarding thread, `capture.compact_step` + one pickle per batch of up to "
+        f"{report.get('forward_batch', '?')} steps (`WorkerProcess.forward_pending`); the work of section 2 runs in "
+        "the worker process. Same steps as section 2, timed end to end (gc on).",
+        "",
+        "| batch | steps | µs/step in the engine process | bytes/step on the pipe |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in report.get("forwarder", []):
+        lines.append(f"| {r['batch']} | {r['steps']} | {r['us_per_step']:.1f} | {r['bytes_per_step']:.0f} |")
     lines += [
         "",
         "## 3. Forecast latency (analytic predictor, after warm-up, gc off)",
@@ -520,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = bench_scheduler(blocks, block_steps)
     log("2/3 worker throughput")
     worker = bench_worker(worker_steps, warmup=20 if args.quick else 100)
+    log("2b forwarding cost (engine side of the worker process)")
+    forwarder = bench_forwarder(worker_steps)
     log("3/3 forecast latency")
     forecast = bench_forecast(forecast_calls, warmup=forecast_calls // 10)
 
@@ -532,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         "timer_floor_ns": {"p50": percentile(floor, 50), "p99": percentile(floor, 99)},
         "scheduler": scheduler,
         "worker": worker,
+        "forwarder": forwarder,
+        "forward_batch": __import__("llmco2_vllm.worker_process", fromlist=["FORWARD_BATCH"]).FORWARD_BATCH,
         "forecast": forecast,
     }
     report["total_seconds"] = time.perf_counter() - started

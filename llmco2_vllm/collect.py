@@ -31,11 +31,14 @@ Layer scaling (``--num-layers`` below the model's layer count, to fit GPU memory
     proportion. Raw values are kept in the ``measured_*`` and ``head_*`` columns.
 
 Not measured, deliberately (known gaps to vLLM, documented rather than faked)
-    Eager PyTorch, no CUDA graphs (small-batch decode pays kernel-launch gaps vLLM does not);
-    uniform padded batches instead of vLLM's packed variable-length batches and paged KV cache;
-    one GPU (``num_gpus = tensor_parallel = 1``); all layers use full attention (sliding windows
-    ignored); MLA models (DeepSeek-V2/V3) are rejected; MoE experts run as a loop of
-    per-expert matmuls, not a fused MoE kernel; no sampling.
+    PyTorch kernels, not vLLM's (steps of <= 512 tokens are replayed from a CUDA graph, as
+    vLLM does, so they pay no launch gaps; ``--no-cuda-graphs`` runs everything eagerly; the
+    ``cuda_graph`` column says which); uniform padded batches instead of vLLM's packed
+    variable-length batches and paged KV cache; one GPU (``num_gpus = tensor_parallel = 1``);
+    all layers use full attention (sliding windows ignored); MLA models (DeepSeek-V2/V3) are
+    rejected; MoE experts run as two grouped matrix products per layer (``torch._grouped_mm``),
+    not vLLM's fused MoE kernel, or as a loop where grouped products are missing
+    (``experts_kernel`` column); no sampling.
 
 Engines
     ``--engine vllm`` (measuring vLLM's own engine steps, when vLLM is importable and a CUDA GPU
@@ -81,6 +84,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     # provenance
     "dtype", "device", "attention_call", "energy_method", "driver_version", "cuda_version", "torch_version",
     "vllm_version", "gpu_clock_mhz", "memory_clock_mhz", "power_limit_w", "source", "measured_at",
+    # how the step ran: replayed from a CUDA graph (as vLLM runs small steps) and the MoE experts' kernels
+    "cuda_graph", "experts_kernel",
 )
 
 ENGINE_HELP = (
@@ -237,9 +242,15 @@ def _build_reference_classes() -> dict[str, type]:
     class MoEMLP(nn.Module):
         """Top-k routed experts (softmax, renormalised top-k weights) plus optional shared experts.
 
-        Tokens are sorted by expert and each expert's slice goes through its own matmuls; one
-        host sync per layer reads the per-expert counts (a fused MoE kernel avoids both).
+        Tokens are sorted by expert; all experts then run as two grouped matrix products
+        (``torch._grouped_mm``, one kernel each, no host sync, so the step can be captured in a
+        CUDA graph), close to what a fused MoE kernel does. Where grouped products are missing or
+        refuse the call, each expert's slice goes through its own matmuls after one host sync
+        per layer (``experts_kernel`` says which ran).
         """
+
+        #: "grouped_mm" or "loop"; falls back to "loop" (for the whole run) on the first failure.
+        experts_kernel = "grouped_mm" if hasattr(torch, "_grouped_mm") else "loop"
 
         def __init__(self, model: ModelDescription, device: Any, dtype: Any) -> None:
             super().__init__()
@@ -261,22 +272,49 @@ def _build_reference_classes() -> dict[str, type]:
                 return (F.silu(gate) * up) @ self.w_down[e].T
             return F.gelu(h) @ self.w_down[e].T
 
-        def forward(self, x: Any) -> Any:
-            shape = x.shape
-            flat = x.reshape(-1, shape[-1])
-            probs = torch.softmax(self.router(flat).float(), dim=-1)
-            weights, experts = probs.topk(self.top_k, dim=-1)
-            weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-            order = experts.flatten().argsort()
-            token_of_slot = order // self.top_k
-            counts = torch.bincount(experts.flatten(), minlength=self.num_experts).tolist()
-            routed = flat[token_of_slot]
+        def grouped_experts(self, routed: Any, slot_experts: Any) -> Any:
+            """Every expert's rows of ``routed`` (sorted by expert) in two grouped products."""
+            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=routed.device)
+            counts.scatter_add_(0, slot_experts, torch.ones_like(slot_experts))  # bincount would sync
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(routed, self.w_up.transpose(-2, -1), offs=offsets)
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h)
+            return torch._grouped_mm(h, self.w_down.transpose(-2, -1), offs=offsets)
+
+        def looped_experts(self, routed: Any, slot_experts: Any) -> Any:
+            counts = torch.bincount(slot_experts, minlength=self.num_experts).tolist()
             outputs = torch.empty_like(routed)
             offset = 0
             for e, count in enumerate(counts):
                 if count:
                     outputs[offset:offset + count] = self.expert(e, routed[offset:offset + count])
                     offset += count
+            return outputs
+
+        def forward(self, x: Any) -> Any:
+            shape = x.shape
+            flat = x.reshape(-1, shape[-1])
+            probs = torch.softmax(self.router(flat).float(), dim=-1)
+            weights, experts = probs.topk(self.top_k, dim=-1)
+            weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+            slot_experts = experts.flatten()
+            order = slot_experts.argsort()
+            token_of_slot = order // self.top_k
+            routed = flat[token_of_slot]
+            outputs = None
+            if MoEMLP.experts_kernel == "grouped_mm":
+                try:
+                    outputs = self.grouped_experts(routed, slot_experts)
+                except RuntimeError as error:
+                    _progress(None, f"grouped expert products failed ({str(error).splitlines()[0]}); "
+                                    "running experts one by one from now on")
+                    MoEMLP.experts_kernel = "loop"
+            if outputs is None:
+                outputs = self.looped_experts(routed, slot_experts)
             outputs = outputs * weights.flatten()[order].unsqueeze(-1)
             combined = torch.zeros_like(flat).index_add_(0, token_of_slot, outputs)
             if self.shared is not None:
@@ -379,7 +417,7 @@ def _build_reference_classes() -> dict[str, type]:
         out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
         return out.reshape(batch, heads, tokens, head_dim)
 
-    return {"ReferenceTransformer": ReferenceTransformer, "KVCache": KVCache}
+    return {"ReferenceTransformer": ReferenceTransformer, "KVCache": KVCache, "MoEMLP": MoEMLP}
 
 
 _CLASSES: dict[str, type] = {}
@@ -437,6 +475,8 @@ def build_reference_model(model: ModelDescription, num_layers: int, device: str,
 
 #: Share of free GPU memory the harness plans to use (the rest absorbs allocator slack).
 MEMORY_PLAN_FRACTION = 0.85
+#: vLLM's largest default CUDA-graph capture size (tokens per step); larger steps run eagerly there too.
+CUDA_GRAPH_MAX_TOKENS = 512
 MEMORY_HEADROOM_BYTES = 2 * 1024**3
 
 
@@ -743,6 +783,7 @@ class CollectConfig:
     idle_seconds: float = 5.0
     predict_gpu: str | None = None  # catalog GPU for the prediction; None: the NVML-detected GPU
     seed: int = 0
+    cuda_graphs: bool = True  # replay steps of <= CUDA_GRAPH_MAX_TOKENS tokens from CUDA graphs (CUDA only)
 
 
 def _progress(stream: TextIO | None, text: str) -> None:
@@ -918,15 +959,20 @@ def _measure_shape(reference: Any, shape: SweepShape, config: CollectConfig, met
     token_ids = torch.randint(0, reference.description.vocab_size,
                               (shape.batch_size, shape.tokens_per_request), generator=generator).to(reference.device)
     cache = reference.new_kv_cache(shape.batch_size, shape.kv_tokens_per_request)
+    run_step = _step_runner(lambda: reference(token_ids, cache, shape.context_tokens), reference.device,
+                            config.cuda_graphs and shape.batch_size * shape.tokens_per_request <= CUDA_GRAPH_MAX_TOKENS)
     window_args = dict(meter=meter, synchronize=synchronize, min_window_seconds=config.min_window_seconds,
                        min_steps=config.min_steps, warmup_seconds=config.warmup_seconds, clocks=probe.clocks_mhz)
     name = shape.label.replace(" ", "-")
     with torch.inference_mode(), _fused_attention_only(reference.device):
-        step = measure_window(lambda: reference(token_ids, cache, shape.context_tokens), name=name, **window_args)
+        step = measure_window(run_step, name=name, **window_args)
         head = None
         if reference.layers_measured < reference.layers_total:
-            head = measure_window(lambda: reference.forward_head(token_ids), name=f"{name}-head", **window_args)
-    del cache
+            run_head = _step_runner(lambda: reference.forward_head(token_ids), reference.device,
+                                    getattr(run_step, "cuda_graph", False))
+            head = measure_window(run_head, name=f"{name}-head", **window_args)
+    graphed = getattr(run_step, "cuda_graph", False)
+    del cache, run_step  # free the graph's memory pool before the next shape
     scaled = scale_step(step, head, reference.layers_measured, reference.layers_total)
     return {
         "phase": shape.phase, "batch_size": shape.batch_size, "prompt_tokens": shape.prompt_tokens,
@@ -941,7 +987,42 @@ def _measure_shape(reference: Any, shape: SweepShape, config: CollectConfig, met
         "attention_call": attention_call(shape, reference.fused_causal_gqa),
         "energy_method": step.energy_method,
         "gpu_clock_mhz": step.gpu_clock_mhz, "memory_clock_mhz": step.memory_clock_mhz,
+        "cuda_graph": graphed,
+        "experts_kernel": _classes()["MoEMLP"].experts_kernel if reference.description.num_experts else "",
     }
+
+
+class _GraphedStep:
+    """A step captured once in a CUDA graph and replayed: no Python or launch cost per kernel."""
+
+    cuda_graph = True
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        torch = _torch()
+        side = torch.cuda.Stream()  # PyTorch asks for warm-up on a side stream before capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            run()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def _step_runner(run: Callable[[], Any], device: Any, graphed: bool) -> Callable[[], Any]:
+    """``run`` itself, or its CUDA-graph replay when asked for on CUDA and the capture works."""
+    if not graphed or device.type != "cuda":
+        return run
+    try:
+        return _GraphedStep(run)
+    except RuntimeError as error:  # an op that cannot be captured: measure eagerly, say so
+        _torch().cuda.synchronize()
+        _progress(None, f"CUDA graph capture failed ({str(error).splitlines()[0]}); this shape runs eagerly")
+        return run
 
 
 def _fused_attention_only(device: Any) -> Any:
@@ -997,6 +1078,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predict-gpu", default=None,
                         help="catalog GPU for the analytic prediction columns (default: the measured GPU)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights and tokens")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help=f"run every step eagerly (default: steps of <= {CUDA_GRAPH_MAX_TOKENS} tokens replay "
+                             "from a CUDA graph, as vLLM runs them)")
 
 
 def _resolve_device(text: str) -> str:
@@ -1039,6 +1123,7 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         idle_seconds=args.idle_seconds if args.idle_seconds is not None else 5.0 if measured else 0.0,
         predict_gpu=args.predict_gpu,
         seed=args.seed,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 

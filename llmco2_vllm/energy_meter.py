@@ -3,10 +3,20 @@
 Two ways to read energy, chosen per GPU when the meter starts:
 
 * ``"counter"``: ``nvmlDeviceGetTotalEnergyConsumption`` (millijoules since driver load,
-  Volta and newer). Exact, and cheap enough to read on the caller's thread.
+  Volta and newer). Exact up to one counter step, but coarse and not cheap. Measured on an
+  H200 (driver 580.159.04, in a Firecracker VM; ``benchmarks/nvml_probe.py``, results in
+  ``benchmarks/results/h200_2026-11-27/``): one read took 3.0 ms p50 and 15 ms p99, and the
+  counter advanced only every ~100 ms, each time by that period's energy (~12 J idle, ~70 J
+  under load). A window's error is therefore up to one step whatever its length, so the
+  plugin reads the counter only at window boundaries, seconds apart, on the plugin's worker
+  (``energy_windows.WindowAccountant``), plus once each at start-up and at shutdown; never
+  per engine step.
 * ``"power_sampling"``: older GPUs only report power (milliwatts). A daemon thread samples
   it every ``sampling_interval_seconds`` and integrates (trapezoid rule), so no caller
-  ever waits on a power read.
+  ever waits on a power read. The reading is a lagging average: on the H200 above it took
+  about a second to follow a load step, so integrating it missed ~10 % of a 4 s busy
+  window and booked it into the idle window after (``tests/test_energy_meter_recorded.py``
+  replays that recording). The counter is the reference wherever it exists.
 
 The meter never raises for NVML trouble: without NVML it reports ``available=False`` and
 measures zero; driver errors are counted in ``errors`` and mark windows incomplete.
@@ -14,9 +24,9 @@ measures zero; driver errors are counted in ``errors`` and mark windows incomple
 Example::
 
     meter = EnergyMeter(gpu_indices=list(range(tensor_parallel)))
-    meter.begin_window("decode")
-    ...
-    measurement = meter.end_window("decode")  # measurement.energy_j, measurement.complete
+    meter.begin_window("sweep")
+    ...  # seconds of work: a window much shorter than the counter's ~100 ms step is noise
+    measurement = meter.end_window("sweep")  # measurement.energy_j, measurement.complete
     meter.close()
 """
 
@@ -276,7 +286,11 @@ class EnergyMeter:
             )
 
     def _read_counter(self, gpu: _GpuState) -> None:
-        """Advance a counter GPU's energy from the driver's millijoule counter. Lock held."""
+        """Advance a counter GPU's energy from the driver's millijoule counter. Lock held.
+
+        The read takes milliseconds (see the module docstring) and the lock is held through
+        it, which is why callers read totals only at window boundaries, off the engine's path.
+        """
         if gpu.lost:
             return
         try:

@@ -14,7 +14,7 @@ import functools
 import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -89,11 +89,21 @@ class GpuSpec:
             return self.peak_flops("bf16") / FP32_FALLBACK_DIVISOR_FROM_BF16
         raise ValueError(f"GPU {self.name} has no peak FLOP/s figure usable for {dtype!r}")
 
+    def __reduce__(self) -> tuple:
+        # A read-only mapping cannot be pickled; the spec crosses to the plugin's worker process.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["peak_flops_per_second"] = dict(self.peak_flops_per_second)
+        return _gpu_spec, (values,)
+
     def idle_watts_or_default(self) -> float:
         """Catalog idle power, else ``DEFAULT_IDLE_FRACTION_OF_TDP`` x TDP (an assumption)."""
         if self.idle_watts is not None:
             return self.idle_watts
         return DEFAULT_IDLE_FRACTION_OF_TDP * self.tdp_watts
+
+
+def _gpu_spec(values: dict) -> GpuSpec:
+    return GpuSpec(**{**values, "peak_flops_per_second": MappingProxyType(values["peak_flops_per_second"])})
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from .attribution import RequestEnergy, RequestLedger, split_step_energy
 from .calibration import OnlineCalibrator
-from .capture import StepRecord, StepRecorder, StepShapeBuilder
+from .capture import CompactStep, StepRecord, StepRecorder, StepShapeBuilder, compact_step
 from .carbon import JOULES_PER_KWH, EmbodiedCarbon, GridIntensity
 from .energy_windows import Meter, WindowAccountant
 from .grid_intensity import IntensityProvider, StaticIntensity
@@ -122,6 +122,7 @@ class EnginePipeline:
         self.finished: deque[FinishedRequest] = deque(maxlen=10_000)
         self._logged_stages: set[str] = set()
         self._dropped_seen = 0
+        self.upstream_dropped = 0  # steps the engine's recorder dropped before they reached this process
         self._evicted_seen = 0
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -181,6 +182,21 @@ class EnginePipeline:
             time.sleep(0.005)
         return False
 
+    def report(self, timeout: float = 30.0) -> dict:
+        """What tests and benchmarks compare, once every recorded step is processed (plain data, so
+        it crosses from the worker process too)."""
+        from dataclasses import asdict
+
+        self.wait_idle(timeout)
+        from prometheus_client import generate_latest
+
+        return {
+            "metrics": generate_latest(self.registry).decode(),
+            "finished": [{"request_id": f.request_id, **asdict(f.energy)} for f in self.finished],
+            "ledger_size": len(self.ledger),
+            "steps_processed": self.steps_processed,
+        }
+
     def _run(self) -> None:
         next_publish = time.monotonic() + self.settings.flush_interval_seconds
         dirty = True
@@ -189,7 +205,6 @@ class EnginePipeline:
                 if self.process_pending():
                     dirty = True
                 else:
-                    self._idle.set()
                     self._stop.wait(0.005)
                 if self.windows.due():
                     self.close_window()
@@ -199,14 +214,15 @@ class EnginePipeline:
                     dirty = False
                     next_publish = time.monotonic() + self.settings.flush_interval_seconds
             except Exception as error:  # a dead worker would freeze every metric and fill the queue
-                self._failed("export", error)
+                self.failed("export", error)
                 self._stop.wait(0.1)
 
     def process_pending(self) -> int:
+        self._idle.clear()  # before draining: wait_idle must not see an empty queue while a batch is in hand
         records = self.recorder.drain()
         if not records:
+            self._idle.set()
             return 0
-        self._idle.clear()
         now = time.perf_counter()
         m = self.metrics
         m.labels(m.capture_lag).set(max(0.0, now - records[0].finished))
@@ -214,9 +230,9 @@ class EnginePipeline:
             try:
                 self._process(record)
             except Exception as error:  # a part without its own guard: count it, keep the worker alive
-                self._failed("attribute", error)
+                self.failed("attribute", error)
         m.labels(m.queue_depth).set(len(self.recorder))
-        dropped = self.recorder.dropped
+        dropped = self.recorder.dropped + self.upstream_dropped
         if dropped > self._dropped_seen:
             m.labels(m.dropped_steps).inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
@@ -225,18 +241,19 @@ class EnginePipeline:
             self._evicted_seen = self.ledger.evicted
         return len(records)
 
-    def _failed(self, stage: str, error: BaseException) -> None:
+    def failed(self, stage: str, error: BaseException) -> None:
         self.metrics.labels(self.metrics.errors, stage=stage).inc()
         if stage not in self._logged_stages:
             self._logged_stages.add(stage)
             logger.error("llmco2: %s failed (counted in llmco2_plugin_errors_total; logged once): %r", stage, error)
 
-    def _process(self, record: StepRecord) -> None:
+    def _process(self, record: StepRecord | CompactStep) -> None:
         m = self.metrics
         try:
-            captured = self.builder.build(record)
+            step = record if isinstance(record, CompactStep) else compact_step(record)
+            captured = self.builder.build(step)
         except Exception as error:  # vLLM changed a field we read
-            self._failed("capture", error)
+            self.failed("capture", error)
             return
         shape = captured.shape
         if shape.num_requests:
@@ -257,7 +274,7 @@ class EnginePipeline:
         try:
             prediction = self.predictor.predict_step(shape)
         except Exception as error:
-            self._failed("predict", error)
+            self.failed("predict", error)
             return
         prefill_scale, decode_scale, _ = self.calibrator.factors
         embodied_g = max(shape.wall_seconds, 0.0) * self.embodied_grams_per_second
@@ -267,7 +284,7 @@ class EnginePipeline:
                 shape, prefill_j, decode_j, prefill_scale, decode_scale, self._grams_per_joule, embodied_g
             )
         except Exception as error:
-            self._failed("attribute", error)
+            self.failed("attribute", error)
             return
         self.windows.add_step(prediction.prefill_energy_j, prediction.decode_energy_j, shape.wall_seconds)
         try:
@@ -281,7 +298,7 @@ class EnginePipeline:
                 if prediction.energy_j > 0:
                     m.labels(m.embodied_carbon, phase=phase).inc(embodied_g * energy_j / prediction.energy_j)
         except Exception as error:
-            self._failed("export", error)
+            self.failed("export", error)
 
     def _add_energy(self, phase: str, source: str, energy_j: float) -> None:
         m = self.metrics
@@ -293,7 +310,7 @@ class EnginePipeline:
         try:
             result = self.windows.close()
         except Exception as error:
-            self._failed("calibrate", error)
+            self.failed("calibrate", error)
             return
         if result.meter_incidents:
             # NVML trouble: the meter logged it once and keeps its last good value; count it here.
@@ -308,12 +325,12 @@ class EnginePipeline:
                     self._add_energy(phase, "measured", energy_j)
             self._publish_calibration()
         except Exception as error:
-            self._failed("export", error)
+            self.failed("export", error)
         if self.settings.calibration_file and result.learned:
             try:
                 self.calibrator.save(self.settings.calibration_file)
             except Exception as error:
-                self._failed("calibrate", error)
+                self.failed("calibrate", error)
 
     def _publish_calibration(self) -> None:
         m = self.metrics
@@ -355,14 +372,14 @@ class EnginePipeline:
             if self.request_log is not None:
                 self.request_log.write(result)
         except Exception as error:
-            self._failed("export", error)
+            self.failed("export", error)
 
     def _publish(self) -> None:
         """Periodic work off the hot path: grid intensity, per-request results, metrics snapshot."""
         try:
             self._grams_per_joule = self._publish_intensity()
         except Exception as error:
-            self._failed("carbon", error)
+            self.failed("carbon", error)
         if self.store is not None:
             self._publish_results()
         if self.snapshot is None:
@@ -370,7 +387,7 @@ class EnginePipeline:
         try:
             self.snapshot.write()
         except Exception as error:
-            self._failed("export", error)
+            self.failed("export", error)
 
     def _publish_results(self) -> None:
         store = self.store
@@ -397,7 +414,7 @@ class EnginePipeline:
                 store.delete_older_than(now - retention)
                 self._next_cleanup = now + 60.0
         except Exception as error:
-            self._failed("export", error)
+            self.failed("export", error)
 
 
 __all__ = ["EnginePipeline", "FinishedRequest", "PHASES"]

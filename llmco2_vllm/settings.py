@@ -37,6 +37,7 @@ class Settings:
     grid_intensity: float | None = None  # gCO2e/kWh; overrides the region's annual average
     pue: float = 1.0  # 1.0 = GPU-only boundary; set your facility's power usage effectiveness
     predictor: str = "gnn"  # LLMCO2 GNN (distilled for the hot path), "analytic" (roofline only) or "package.module:Class"
+    worker: str = "process"  # "process": accounting runs in a worker process, off vLLM's engine process; "thread": in it
     queue_capacity: int = 8192  # steps waiting for the worker before new ones are dropped (and counted)
     flush_interval_seconds: float = 0.5  # how often the engine publishes metrics to the API server
     max_tracked_requests: int = 100_000  # running requests kept in the attribution ledger
@@ -118,6 +119,10 @@ class Settings:
             )
         if not (math.isfinite(self.pue) and 1.0 <= self.pue <= 5.0):
             raise SettingsError(f"LLMCO2_PUE={self.pue}: power usage effectiveness is a ratio >= 1.0 (e.g. 1.2), at most 5.")
+        if self.worker not in ("process", "thread"):
+            raise SettingsError(
+                f"LLMCO2_WORKER={self.worker!r}: use 'process' (default: accounting off vLLM's engine process) or 'thread'."
+            )
         if self.queue_capacity < 16:
             raise SettingsError(f"LLMCO2_QUEUE_CAPACITY={self.queue_capacity}: use at least 16 (default 8192).")
         if not (0.05 <= self.flush_interval_seconds <= 60):
@@ -135,7 +140,7 @@ class Settings:
         if not (0.5 <= self.calibration_window_seconds <= 3600):
             raise SettingsError(
                 f"LLMCO2_CALIBRATION_WINDOW_SECONDS={self.calibration_window_seconds}: use 0.5 to 3600 seconds "
-                "(NVML energy counters update every few tens of milliseconds; default 5)."
+                "(NVML energy counters advance every ~100 ms; default 5)."
             )
         if not (0.5 <= self.calibration_forgetting <= 1.0):
             raise SettingsError(

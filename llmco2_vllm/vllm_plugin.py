@@ -170,72 +170,48 @@ def endpoints_enabled() -> bool:
 
 
 def build_engine_pipeline(vllm_config: Any):
-    """Describe model and hardware from vLLM's config and start the engine's worker thread."""
-    from .grid_intensity import build_intensity_provider
+    """Describe model and hardware from vLLM's config and start the engine's accounting.
+
+    ``LLMCO2_WORKER=process`` (default): a worker process does the accounting and this process
+    only records and forwards steps (see ``worker_process``). ``thread``: a worker thread in
+    this process (offline experiments, debugging).
+    """
     from .metrics import multiprocess_mode
-    from .pipeline import EnginePipeline
-    from .predictor import load_predictor
-    from .request_results import RequestResultStore
+    from .worker_process import PipelineSpec, WorkerProcess, build_pipeline
 
     settings = Settings.from_env()
     deployment = describe_deployment(vllm_config, settings)
     hardware, parallel = deployment.hardware, vllm_config.parallel_config
     if hardware.source == "configured":
         logger.info("llmco2: no NVIDIA GPU visible; predicting for the configured target %s", hardware.gpu.name)
-    predictor = load_predictor(settings.predictor, deployment.model, hardware, deployment.pipeline_parallel, in_server=True)
     engine = str(getattr(parallel, "data_parallel_rank", 0) or 0)
     run_dir = os.environ.get(RUN_DIR_VARIABLE)
-    snapshot = Path(run_dir) / f"engine-{engine}.prom" if run_dir and not multiprocess_mode() else None
-    store = RequestResultStore.in_directory(run_dir) if run_dir and endpoints_enabled() else None
-    meter = None
-    if settings.measure_energy:
-        from .energy_meter import EnergyMeter
-
-        # This engine's GPUs: its TP x PP ranks, offset by its local data-parallel rank.
-        world = hardware.num_gpus
-        local_rank = int(getattr(parallel, "data_parallel_rank_local", 0) or 0)
-        meter = EnergyMeter(gpu_indices=list(range(local_rank * world, (local_rank + 1) * world)))
-        if not meter.available:
-            logger.info("llmco2: GPU energy not measured (%s); predictions only", meter.reason)
-    calibrator = None
-    if settings.calibration_file:
-        from .calibration import OnlineCalibrator
-
-        calibrator = OnlineCalibrator.load(
-            settings.calibration_file,
-            forgetting=settings.calibration_forgetting,
-            prior_idle_watts=hardware.num_gpus * hardware.gpu.idle_watts_or_default(),
-        )
-    intensity = build_intensity_provider(settings)
-    pipeline = EnginePipeline(
-        settings,
-        predictor,
-        hardware,
-        intensity,
-        deployment.model_name,
-        engine,
-        snapshot,
-        meter=meter,
-        calibrator=calibrator,
-        embodied=settings.embodied(),
-        store=store,
+    # This engine's GPUs: its TP x PP ranks, offset by its local data-parallel rank.
+    world = hardware.num_gpus
+    local_rank = int(getattr(parallel, "data_parallel_rank_local", 0) or 0)
+    spec = PipelineSpec(
+        model_name=deployment.model_name,
+        model=deployment.model,
+        hardware=hardware,
+        pipeline_parallel=deployment.pipeline_parallel,
+        engine=engine,
+        gpu_indices=tuple(range(local_rank * world, (local_rank + 1) * world)),
+        snapshot_path=str(Path(run_dir) / f"engine-{engine}.prom") if run_dir and not multiprocess_mode() else None,
+        results_dir=run_dir if run_dir and endpoints_enabled() else None,
     )
-    pipeline.start()
+    if settings.worker == "thread":
+        pipeline = build_pipeline(spec, settings)
+        pipeline.start()
+    else:
+        pipeline = WorkerProcess(spec, settings)
     _pipelines.append(pipeline)
-    logger.info(
-        "llmco2: accounting %s on %d x %s (%s), predictor %s, grid intensity %s",
-        deployment.model_name,
-        hardware.num_gpus,
-        hardware.gpu.name,
-        hardware.source,
-        predictor.name,
-        intensity.current().region,
-    )
     return pipeline
 
 
 def engine_pipelines() -> list[Any]:
-    """The pipelines of the engines running in this process (offline ``LLM`` with in-process engine)."""
+    """The accounting of the engines running in this process (offline ``LLM`` with in-process engine):
+    ``WorkerProcess`` or, with ``LLMCO2_WORKER=thread``, ``EnginePipeline``; both have ``recorder``,
+    ``wait_idle``, ``report`` and ``stop``."""
     return list(_pipelines)
 
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process
 
 
 def main(model_dir: str, max_batched_tokens: int) -> None:
-    from prometheus_client import generate_latest
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -44,9 +42,10 @@ def main(model_dir: str, max_batched_tokens: int) -> None:
     # The same long prompt again: its full blocks come from the prefix cache.
     second = llm.generate([TokensPrompt(prompt_token_ids=long_prompt)], SamplingParams(max_tokens=4, ignore_eos=True))
     pipeline = engine_pipelines()[-1]
-    idle = pipeline.wait_idle(timeout=30)
+    report = pipeline.report(timeout=30)
     result = {
-        "idle": idle,
+        "idle": report is not None,
+        "worker": type(pipeline).__name__,
         "outputs": [
             {
                 "request_id": o.request_id,
@@ -56,9 +55,7 @@ def main(model_dir: str, max_batched_tokens: int) -> None:
             }
             for o in first + second
         ],
-        "metrics": generate_latest(pipeline.registry).decode(),
-        "finished": [{"request_id": f.request_id, **asdict(f.energy)} for f in pipeline.finished],
-        "ledger_size": len(pipeline.ledger),
+        **(report or {}),
     }
     print("LLMCO2_RESULT " + json.dumps(result), flush=True)
 

@@ -7,6 +7,7 @@ requests; the expected prefill/decode/context numbers are worked out by hand in 
 
 from __future__ import annotations
 
+import pickle
 import types
 from typing import Iterable
 
@@ -68,8 +69,10 @@ def sched_out(
     )
 
 
-def record(output: SchedulerOutput, engine_outputs=None, wall: float = 0.01) -> StepRecord:
-    return StepRecord(output, engine_outputs or {}, started=0.0, finished=wall, wall_seconds=wall)
+def record(output: SchedulerOutput, engine_outputs=None, wall: float = 0.01) -> capture.CompactStep:
+    """A step as the worker receives it: compacted from vLLM's real objects, through a pickle round trip."""
+    raw = StepRecord(output, engine_outputs or {}, started=0.0, finished=wall, wall_seconds=wall)
+    return pickle.loads(pickle.dumps(capture.compact_step(raw)))
 
 
 def rows(step) -> dict[str, tuple[int, int, int, int]]:

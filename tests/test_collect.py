@@ -160,9 +160,12 @@ def test_no_kernel_for_causal_gqa_falls_back_to_the_masked_fold(tiny_llama, monk
     assert "from now on" in stderr.getvalue()
 
 
-def test_moe_layer_matches_per_token_routing(tiny_moe: ModelDescription) -> None:
+@pytest.mark.parametrize("experts_kernel", ["grouped_mm", "loop"])
+def test_moe_layer_matches_per_token_routing(tiny_moe: ModelDescription, experts_kernel: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_reference_model(tiny_moe, 2, "cpu", seed=2)
     moe = model.layers[-1].mlp
+    monkeypatch.setattr(type(moe), "experts_kernel", experts_kernel)
     x = torch.randn(2, 5, tiny_moe.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got = moe(x)
@@ -175,6 +178,7 @@ def test_moe_layer_matches_per_token_routing(tiny_moe: ModelDescription) -> None
                 expected[t] += w * moe.expert(e, flat[t:t + 1])[0]
     torch.testing.assert_close(got.reshape(-1, tiny_moe.hidden_size), expected, atol=1e-5, rtol=1e-5)
     assert [layer.moe for layer in model.layers] == [True, True]
+    assert type(moe).experts_kernel == experts_kernel  # the chosen path ran without falling back
 
 
 # --- energy windows and layer scaling ---------------------------------------------------------

@@ -221,7 +221,7 @@ def test_unknown_gpu_name_from_nvml_predicts_for_the_configured_target(vllm_conf
     with caplog.at_level(logging.WARNING, logger="llmco2_vllm"):
         pipeline = build_engine_pipeline(vllm_config)
     try:
-        info = parse_metrics(__import__("prometheus_client").generate_latest(pipeline.registry).decode())
+        info = parse_metrics(pipeline.report()["metrics"])  # from the worker process
         target = [dict(labels) for name, labels in info if name == "llmco2_target_info"]
         assert target and target[0]["hardware_source"] == "configured" and target[0]["gpu"].startswith("H100")
         warnings = [r.getMessage() for r in caplog.records if "X900" in r.getMessage()]

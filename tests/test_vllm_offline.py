@@ -11,6 +11,7 @@ Identities checked (no preemption in these runs):
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +23,25 @@ from conftest import metric_sum, parse_metrics
 MAX_BATCHED_TOKENS = 32  # so a 70-token prompt runs as chunked prefill
 
 
-@pytest.fixture(scope="module")
-def offline_run(tiny_model_dir):
+@pytest.fixture(scope="module", params=["process", "thread"])
+def offline_run(request, tiny_model_dir):
+    """The same run with the accounting in a worker process (the default) and in a thread."""
     script = Path(__file__).with_name("offline_engine_run.py")
+    env = {**os.environ}
+    if request.param == "thread":
+        env["LLMCO2_WORKER"] = "thread"
     result = subprocess.run(
         [sys.executable, str(script), str(tiny_model_dir), str(MAX_BATCHED_TOKENS)],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("LLMCO2_RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     run = json.loads(lines[-1].removeprefix("LLMCO2_RESULT "))
     assert run["idle"], "the plugin's worker did not catch up"
+    assert run["worker"] == {"process": "WorkerProcess", "thread": "EnginePipeline"}[request.param]
     run["samples"] = parse_metrics(run["metrics"])
     return run
 
