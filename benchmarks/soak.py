@@ -7,8 +7,9 @@ A real ``vllm serve`` (``LocalVllmServer``: tiny random-weight Llama, CPU, 127.0
 installed. A client pool with bounded concurrency sends seeded completions of mixed lengths (short prompts
 and outputs: the soak is about memory and counters, not speed; a fifth of the prompts repeat one of a few
 long prefixes so the prefix cache hits). A sampler records, every ``--sample-seconds``, the resident memory
-(RSS) of the API server and of each of its child processes (the EngineCore, where the plugin's capture,
-worker thread and ledger live), the requests completed, and the size of the plugin's part of ``/metrics``.
+(RSS) of the API server and of each of its descendants (the EngineCore, where the plugin's step hook and
+forwarding thread live, and the plugin's worker process, where its ledger and registry live), the requests
+completed, and the size of the plugin's part of ``/metrics``.
 
 At the end it waits for the plugin's last publish and checks, exactly, the identities of
 ``tests/test_vllm_serve.py`` against vLLM's own counters, plus: every request sent succeeded, vLLM counted
@@ -60,7 +61,7 @@ def process_tree_rss(pid: int) -> dict[str, float]:
     sizes = {"api_server": root.memory_info().rss / 2**20}
     for child in root.children(recursive=True):
         try:
-            name = child.name()
+            name = "llmco2-worker" if "llmco2_vllm.worker_process" in " ".join(child.cmdline()) else child.name()
             sizes[f"{name}[{child.pid}]"] = child.memory_info().rss / 2**20
         except psutil.Error:
             pass
@@ -280,10 +281,11 @@ def render(report: dict) -> str:
         "",
         "## Memory (RSS, MiB)",
         "",
-        "The plugin lives in the EngineCore process (capture, worker thread, ledger, registry); the API server "
-        "holds the /metrics bridge and the stat logger; `VLLM::Worker` is vLLM's model runner (no plugin code). "
-        "By design the plugin keeps the last 10,000 finished requests (`EnginePipeline.finished`, a bounded deque, "
-        "a few MiB), so EngineCore memory may grow until 10,000 requests have finished and must be flat after.",
+        "The plugin's step hook and forwarding thread live in the EngineCore process; everything else (ledger, "
+        "registry, calibration) in `llmco2-worker`, the plugin's worker process; the API server holds the /metrics "
+        "bridge and the stat logger; `VLLM::Worker` is vLLM's model runner (no plugin code). By design the plugin "
+        "keeps the last 10,000 finished requests (`EnginePipeline.finished`, a bounded deque, a few MiB), so the "
+        "worker's memory may grow until 10,000 requests have finished and must be flat after.",
         "",
         "| process | at start | after 10 % of requests | end | max | slope over 2nd half (MiB / 1000 requests) |",
         "|---|---:|---:|---:|---:|---:|",

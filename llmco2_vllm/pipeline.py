@@ -1,6 +1,7 @@
 """The engine-side pipeline: capture -> step shape -> prediction -> attribution -> carbon -> metrics.
 
-Runs on one daemon worker thread per engine. Every stage is guarded: a failure is counted in
+Runs on one daemon worker thread per engine, inside the plugin's worker process by default
+(``worker_process.py``) or inside vLLM's engine process (``LLMCO2_WORKER=thread``). Every stage is guarded: a failure is counted in
 ``llmco2_plugin_errors_total{stage}``, logged once per stage, and the step still counts its tokens.
 """
 
@@ -11,10 +12,10 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from .attribution import RequestEnergy, RequestLedger, split_step_energy
 from .calibration import OnlineCalibrator
@@ -185,11 +186,7 @@ class EnginePipeline:
     def report(self, timeout: float = 30.0) -> dict:
         """What tests and benchmarks compare, once every recorded step is processed (plain data, so
         it crosses from the worker process too)."""
-        from dataclasses import asdict
-
         self.wait_idle(timeout)
-        from prometheus_client import generate_latest
-
         return {
             "metrics": generate_latest(self.registry).decode(),
             "finished": [{"request_id": f.request_id, **asdict(f.energy)} for f in self.finished],
