@@ -5,7 +5,7 @@ clients ask for their results) in different processes, possibly several API serv
 SQLite database in the plugin's run directory (WAL mode: readers never wait for the writer):
 
 - an API server writes a request's **forecast** when it admits it (``record_forecast``);
-- the engine's worker thread adds each finished engine request's **actual** (``record_actuals``,
+- the plugin's worker adds each finished engine request's **actual** (``record_actuals``,
   batched); a client request with ``n > 1`` or several prompts is several engine requests, summed
   under the id the client sees (``client_request_id``);
 - the engine publishes its current state (running requests, calibration factors) for forecasts

@@ -7,7 +7,8 @@
 - ``Llmco2StatLogger`` (entry point ``vllm.stat_logger_plugins``) runs in the API server and adds
   the engines' metrics to the registry vLLM serves on ``/metrics``.
 
-Everything vLLM-version-specific lives here and in ``capture.StepShapeBuilder``.
+Everything vLLM-version-specific lives here and in ``capture.compact_step`` (the only reader of
+vLLM's step objects; it runs in the engine process, the rest of the plugin in its worker process).
 """
 
 from __future__ import annotations
