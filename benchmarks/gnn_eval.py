@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python benchmarks/gnn_eval.py [--members 2] [--epochs 25] [--quick]``
 (the same as ``llmco2 eval --out benchmarks/results``). Writes ``benchmarks/results/gnn_eval.md``,
-``gnn_eval_scatter.png`` and ``gnn_eval_cdf.png``. The logic lives in ``llmco2_vllm/evaluation.py``.
+``gnn_eval_scatter.png`` and ``gnn_eval_cdf.png``. The logic lives in ``llmco2_vllm/predict/gnn/evaluation.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmco2_vllm.evaluation import main  # noqa: E402
+from llmco2_vllm.cli import main  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    raise SystemExit(main(args if "--out" in args else ["--out", str(RESULTS), *args]))
+    raise SystemExit(main(["eval", *(args if "--out" in args else ["--out", str(RESULTS), *args])]))

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from llmco2_vllm.forecast import forecast_static_batch  # noqa: E402
-from llmco2_vllm.gnn import GnnPredictor  # noqa: E402
-from llmco2_vllm.hardware import Hardware, find_gpu  # noqa: E402
-from llmco2_vllm.measurements import load_measurements  # noqa: E402
-from llmco2_vllm.model_description import load_model  # noqa: E402
-from llmco2_vllm.predictor import AnalyticPredictor  # noqa: E402
+from llmco2_vllm.predict.forecast import forecast_static_batch  # noqa: E402
+from llmco2_vllm.predict.gnn.model import GnnPredictor  # noqa: E402
+from llmco2_vllm.predict.hardware import Hardware, find_gpu  # noqa: E402
+from llmco2_vllm.predict.measurements import load_measurements  # noqa: E402
+from llmco2_vllm.predict.model_description import load_model  # noqa: E402
+from llmco2_vllm.predict.predictor import AnalyticPredictor  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = (  # (model, gpu, tensor parallel)

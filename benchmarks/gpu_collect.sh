@@ -25,7 +25,11 @@
 #   2. SKIP_PROBE=1 SUFFIX=_graphs EXTRA_MODELS="qwen3_32b Qwen/Qwen3-32B 150" bash benchmarks/gpu_collect.sh
 # and on a lent H100 (benchmarks/results/h100_2026-11-27/):
 #   3. SUFFIX=_graphs EXTRA_MODELS="qwen3_32b Qwen/Qwen3-32B 150" bash benchmarks/gpu_collect.sh
+# Each results folder keeps a run.json beside the results (device, driver, torch, the commands above,
+# date; null where nothing recorded a value): copy one for a new folder and fill it from the CSVs'
+# provenance columns, nvml_probe.json and this script's "== environment" lines.
 # Reports: python benchmarks/gpu_report.py -> each folder's README.md and results/gpu_measurements.md
+# (it reads every results folder that has a run.json and stops where run.json contradicts the files).
 # Each CSV is written row by row, so a run cut by its timeout keeps the shapes it finished.
 set -uo pipefail
 
@@ -36,9 +40,12 @@ PYTHON="${PYTHON:-python3}"
 
 echo "== environment"
 "$PYTHON" -c 'import torch; print(torch.__version__, torch.cuda.is_available())'
+"$PYTHON" -c 'import platform; print("python", platform.python_version())'
+echo "code revision: $(git describe --always --dirty 2>/dev/null || echo unknown)"
+echo "settings: SKIP_PROBE=${SKIP_PROBE:-} SUFFIX=${SUFFIX:-} EXTRA_MODELS=\"${EXTRA_MODELS:-}\" COLLECT_ARGS=\"${COLLECT_ARGS:-}\""
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
 "$PYTHON" -c 'import pynvml; print("pynvml ok")' || echo "pynvml missing: energy columns will be empty"
-[ -f llmco2_vllm/energy_meter.py ] || echo "llmco2_vllm/energy_meter.py missing: energy columns will be empty"
+[ -f llmco2_vllm/measure/energy_meter.py ] || echo "llmco2_vllm/measure/energy_meter.py missing: energy columns will be empty"
 
 if [ "${SKIP_PROBE:-0}" != 1 ]; then
     echo "== NVML probe (read cost, counter cadence, counter vs power; ~15 s)"
@@ -54,7 +61,7 @@ while read -r name model cap; do
         echo "== skipping $model: ${SECONDS} s already used"; continue
     fi
     echo "== $model (quick)"
-    timeout "$cap" "$PYTHON" -m llmco2_vllm.collect --quick ${COLLECT_ARGS:-} \
+    timeout "$cap" "$PYTHON" -m llmco2_vllm.measure.collect --quick ${COLLECT_ARGS:-} \
         --model "$model" --out "$OUT/collect_${name}${SUFFIX:-}.csv" 2>&1 | tee "$OUT/collect_${name}${SUFFIX:-}.log"
     echo "exit status ${PIPESTATUS[0]} after ${SECONDS} s"
 done <<MODELS

@@ -14,7 +14,7 @@ Measured:
   * how often the counter changes and by how much (its resolution in time and joules);
   * energy over a busy window from the counter vs from integrating sampled power, and through
     ``EnergyMeter.begin_window/end_window`` (must equal the raw counter difference);
-  * the catalog entry ``llmco2_vllm.hardware.find_gpu`` picks for NVML's name.
+  * the catalog entry ``llmco2_vllm.predict.hardware.find_gpu`` picks for NVML's name.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def main() -> int:
     import pynvml
     import torch
 
-    from llmco2_vllm.energy_meter import EnergyMeter
-    from llmco2_vllm.hardware import find_gpu
+    from llmco2_vllm.measure.energy_meter import EnergyMeter
+    from llmco2_vllm.predict.hardware import find_gpu
 
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)

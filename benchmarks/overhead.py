@@ -134,10 +134,10 @@ def run_child(model_dir: str, requests: int, arrive_every: int) -> dict:
         }
 
     drive(workload(64, SEED + 1), "warm")  # compile paths, allocator, prefix cache of the warm-up only
-    from llmco2_vllm.vllm_plugin import engine_pipelines
+    from llmco2_vllm.plugin.entry_points import engine_forwarders
 
-    pipelines = engine_pipelines()
-    worker_pid = getattr(getattr(pipelines[-1], "_process", None), "pid", None) if pipelines else None
+    pipelines = engine_forwarders()
+    worker_pid = getattr(getattr(pipelines[-1]._transport, "process", None), "pid", None) if pipelines else None
     if pipelines:
         pipelines[-1].wait_idle(timeout=60)  # the warm-up's accounting is not charged to the run
     engine_cpu, worker_cpu = time.process_time(), process_cpu_seconds(worker_pid)
@@ -155,7 +155,7 @@ def run_child(model_dir: str, requests: int, arrive_every: int) -> dict:
         for family in text_string_to_metric_families(report["metrics"]):
             for sample in family.samples:
                 totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-        result["worker"] = type(pipelines[-1]).__name__
+        result["worker"] = pipelines[-1].mode
         if worker_pid is not None:  # after the report: the worker has accounted every step of the run
             result["worker_cpu_us_per_step"] = (process_cpu_seconds(worker_pid) - worker_cpu) / result["steps"] * 1e6
         result["plugin_steps"] = totals.get("llmco2_steps_total", 0.0)
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(REPO))
-    from llmco2_vllm.tiny_model import make_tiny_llama
+    from llmco2_vllm.dev.tiny_model import make_tiny_llama
 
     started = time.perf_counter()
     model_dir = make_tiny_llama(args.model_dir or Path(tempfile.gettempdir()) / "llmco2-bench-tiny-llama")

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmco2_vllm.calibration import OnlineCalibrator  # noqa: E402
+from llmco2_vllm.predict.calibration import OnlineCalibrator  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GPUS = 8

@@ -34,7 +34,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -61,7 +60,7 @@ def process_tree_rss(pid: int) -> dict[str, float]:
     sizes = {"api_server": root.memory_info().rss / 2**20}
     for child in root.children(recursive=True):
         try:
-            name = "llmco2-worker" if "llmco2_vllm.worker_process" in " ".join(child.cmdline()) else child.name()
+            name = "llmco2-worker" if "llmco2_vllm.accounting.worker" in " ".join(child.cmdline()) else child.name()
             sizes[f"{name}[{child.pid}]"] = child.memory_info().rss / 2**20
         except psutil.Error:
             pass
@@ -97,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "soak.md").write_text(render(report), encoding="utf-8")
         return 0
 
-    from conftest import metric_sum, parse_metrics
-    from llmco2_vllm.local_server import LocalVllmServer
-    from llmco2_vllm.tiny_model import make_tiny_llama
+    from llmco2_vllm.dev.local_server import LocalVllmServer
+    from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+    from llmco2_vllm.dev.tiny_model import make_tiny_llama
 
     model_dir = make_tiny_llama(Path(tempfile.gettempdir()) / "llmco2-bench-tiny-llama")
     work = jobs(args.requests)

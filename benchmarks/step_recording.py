@@ -1,20 +1,31 @@
-"""What the plugin costs vLLM: scheduler-thread recording, worker throughput, forecast latency.
+"""What the plugin costs vLLM: scheduler-thread recording, the accounting worker's CPU per step,
+forwarding, step-prediction latency.
 
-Run: ``.venv/bin/python benchmarks/step_recording.py`` (about 1-2 minutes; ``--quick`` for a smoke
-run). Prints a markdown report and writes ``benchmarks/results/step_recording.md`` and ``.json``.
+Run: ``.venv/bin/python benchmarks/step_recording.py`` (a few minutes; ``--quick`` for a smoke run).
+Prints a markdown report and writes ``benchmarks/results/step_recording.md`` and ``.json``.
 
 1. Scheduler-thread cost per step. A stub scheduler (``schedule()`` returns a prebuilt, real vLLM
    ``SchedulerOutput``; ``update_from_output()`` returns a prebuilt ``{0: EngineCoreOutputs}``) is
    wrapped with the plugin's ``capturing_scheduler``, exactly as vLLM's scheduler is in production,
-   and given a real (not started) ``EnginePipeline``. ``perf_counter_ns`` is read around
-   ``schedule() + update_from_output()`` of every step, for the wrapped and the bare stub, in
-   interleaved blocks (order alternating) with the garbage collector off. The plugin's cost is the
-   difference. The recorder is emptied between blocks, outside the timed region.
-2. Worker throughput (off the scheduler thread; in the worker process by default): steady-state decode-heavy steps (running requests
-   with 500-2000 tokens of context, a few whole-prompt prefills, requests finishing and replaced)
-   are recorded into a real ``EnginePipeline`` and ``process_pending()`` is timed.
-3. Forecast latency: ``AnalyticPredictor.predict_step`` on single-request prefill/decode steps, and a
-   whole request forecast (``forecast_static_batch``, closed form) for random prompt/output lengths.
+   and given the engine's ``StepRecorder``. ``perf_counter_ns`` is read around ``schedule() +
+   update_from_output()`` of every step, for the wrapped and the bare stub, in interleaved blocks
+   (order alternating) with the garbage collector off. The plugin's cost is the difference. The
+   recorder is emptied between blocks, outside the timed region.
+2. Accounting worker, CPU per step: steady-state decode-heavy steps (``StepSimulator``: running
+   requests with 500-2000 tokens of context, a few whole-prompt prefills, requests finishing and
+   replaced) are compacted as the engine's forwarder does (``scheduler_hook.compact_step``) and
+   pickled into the worker's messages (``FORWARD_BATCH`` steps each). A child process without
+   vLLM, like the plugin's worker process, unpickles them and times ``EnginePipeline.process_steps``:
+   thread CPU time and wall time (gc on), for the analytic predictor and the plugin's default
+   (``gnn``: the distilled table over the analytic model). Unpickling, also the worker's work, is
+   timed apart. ``--before-tree DIR`` also measures the code before the array-based worker (a
+   checkout of commit ``BEFORE_COMMIT``: ``git worktree add DIR BEFORE_COMMIT``) on the same
+   messages, in rounds alternating with this code's; each cell is the median over rounds. Without
+   it, the "before" numbers of the previous results JSON are kept in the report.
+2b. Forwarding cost in the engine process: ``compact_step`` + one framed pickle per batch.
+3. Step-prediction latency: ``predict_step`` (with per-request attribution weights) of both
+   predictors on fixed and simulated steps (before/after as in 2), and a whole request forecast
+   (``forecast_static_batch``, closed form).
 
 Everything is seeded, so each run builds the same steps.
 """
@@ -24,163 +35,286 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
+import pickle
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+# Only the standard library and numpy at the top: the child process measuring the code before
+# (``--before-tree``) loads this file beside that older package.
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
-MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
+MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"  # as llmco2_vllm.dev.step_simulator
 GPU = "H100"
 SEED = 0
+BEFORE_COMMIT = "8722a70"  # the last commit with the per-request worker (flat package layout)
+FORWARD_BATCH = 512  # llmco2_vllm.plugin.step_forwarder.FORWARD_BATCH (checked in main)
+PREDICTION_CASES = ("prefill 1 x 1024", "decode 1 x 1024", "decode 64 x 1024", "simulated batch 64", "simulated batch 256")
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Real vLLM scheduler outputs from a small steady-state simulation
-# --------------------------------------------------------------------------------------------
-class StepSimulator:
-    """A continuous batch of ``batch`` requests, mostly decoding.
-
-    Each step: every running request decodes one token; ``new_per_step`` requests finish (reported
-    in the next step's ``finished_req_ids``, as vLLM does) and as many new ones are scheduled with
-    their whole prompt (256-2048 tokens, some with a prefix-cache hit). Requests already running
-    when the simulation starts have 500-2000 tokens of context and unknown prompts (their first
-    step happened "before"), the same as steps the plugin saw only from the middle.
-    """
-
-    def __init__(self, batch: int, rng: random.Random, prefix: str) -> None:
-        from vllm import SamplingParams
-
-        self.rng = rng
-        self.prefix = prefix
-        self.batch = batch
-        self.new_per_step = 0 if batch == 1 else max(1, batch // 16)
-        self.sampling = SamplingParams(max_tokens=1024)
-        self.counter = 0
-        self.next_block = 0
-        # request id -> [num_computed_tokens, num_output_tokens]
-        self.running: dict[str, list[int]] = {}
-        for _ in range(batch - self.new_per_step):
-            self.running[self._new_id()] = [rng.randint(500, 2000), rng.randint(1, 400)]
-        self.pending_finished: set[str] = set()
-        self.token_pool = [rng.randrange(128_000) for _ in range(4096)]  # prompts are slices of it
-
-    def _new_id(self) -> str:
-        self.counter += 1
-        return f"{self.prefix}-{self.counter:07d}-{self.rng.getrandbits(32):08x}"
-
-    def _blocks(self, n: int) -> list[int]:
-        start = self.next_block
-        self.next_block += n
-        return list(range(start, start + n))
-
-    def step(self):
-        from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
-
-        rng = self.rng
-        num_scheduled: dict[str, int] = {}
-        # Running requests: one decode token each; a new KV block every 16 tokens.
-        req_ids, computed, outputs, new_blocks = [], [], [], []
-        for request_id, (context, produced) in self.running.items():
-            req_ids.append(request_id)
-            computed.append(context)
-            outputs.append(produced)
-            new_blocks.append(([self._blocks(1)[0]],) if context % 16 == 0 else None)
-            num_scheduled[request_id] = 1
-        cached = CachedRequestData(
-            req_ids=req_ids,
-            resumed_req_ids=set(),
-            new_token_ids=[],
-            all_token_ids={},
-            new_block_ids=new_blocks,
-            num_computed_tokens=computed,
-            num_output_tokens=outputs,
-        )
-        # New requests: the whole prompt in this step, minus a prefix-cache hit for some.
-        new_requests = []
-        for _ in range(self.new_per_step):
-            request_id = self._new_id()
-            prompt = rng.randint(256, 2048)
-            hit = 16 * rng.randint(1, prompt // 32) if rng.random() < 0.3 else 0
-            new_requests.append(
-                NewRequestData(
-                    req_id=request_id,
-                    prompt_token_ids=self.token_pool[(start := rng.randrange(2048)) : start + prompt],
-                    mm_features=[],
-                    sampling_params=self.sampling,
-                    pooling_params=None,
-                    block_ids=(self._blocks((prompt + 15) // 16),),
-                    num_computed_tokens=hit,
-                    lora_request=None,
-                )
-            )
-            num_scheduled[request_id] = prompt - hit
-        output = SchedulerOutput(
-            scheduled_new_reqs=new_requests,
-            scheduled_cached_reqs=cached,
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=sum(num_scheduled.values()),
-            scheduled_spec_decode_tokens={},
-            scheduled_encoder_inputs={},
-            finished_req_ids=self.pending_finished,
-            free_encoder_mm_hashes=[],
-        )
-        # Advance: decoders grew by one token; the new requests join; some finish.
-        for state in self.running.values():
-            state[0] += 1
-            state[1] += 1
-        for new in new_requests:
-            self.running[new.req_id] = [len(new.prompt_token_ids), 1]
-        finishing = rng.sample(sorted(self.running), self.new_per_step) if self.new_per_step else []
-        for request_id in finishing:
-            del self.running[request_id]
-        self.pending_finished = set(finishing)
-        return output
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
-def engine_outputs_for(output) -> dict:
-    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+class Code:
+    """What the worker and prediction measurements need from one version of the package."""
 
-    ids = [new.req_id for new in output.scheduled_new_reqs] + list(output.scheduled_cached_reqs.req_ids)
-    return {0: EngineCoreOutputs(engine_index=0, outputs=[EngineCoreOutput(request_id=i, new_token_ids=[7]) for i in ids])}
+    def __init__(
+        self,
+        pipeline: Callable[[Any, str], Any],
+        feed: Callable[[Any, list], None],
+        predictors: dict[str, Any],
+        step_shape: type,
+        shape_builder: Callable[[], Any],
+    ) -> None:
+        self.pipeline = pipeline  # (predictor, engine) -> EnginePipeline
+        self.feed = feed  # account a batch of CompactSteps
+        self.predictors = predictors  # "analytic" / "default" -> StepPredictor
+        self.step_shape = step_shape
+        self.shape_builder = shape_builder
 
 
-def make_pipeline(engine: str = "0"):
-    """A real EnginePipeline (analytic predictor, Llama-3.1-8B, one H100), worker thread not started."""
+# A measuring child process, without vLLM (as the plugin's worker process): it builds ``Code`` for
+# this checkout or for BEFORE_COMMIT's (flat layout, the recorder inside the pipeline), loads this
+# file and runs ``measure_round`` on the steps the parent compacted from real vLLM objects.
+MEASURING_CHILD = r"""
+import json, pickle, sys
+config = json.load(sys.stdin)
+if config["version"] == "before":
+    import types
+    from llmco2_vllm.capture import CompactStep, StepShapeBuilder
     from llmco2_vllm.carbon import lookup_region
+    from llmco2_vllm.fast_gnn import CorrectionTable, DistilledGnnPredictor
     from llmco2_vllm.hardware import Hardware, find_gpu
     from llmco2_vllm.model_description import load_model
     from llmco2_vllm.pipeline import EnginePipeline
     from llmco2_vllm.predictor import AnalyticPredictor
     from llmco2_vllm.settings import Settings
+    from llmco2_vllm.step_shape import StepShape
 
-    settings = Settings()
-    hardware = Hardware(find_gpu(GPU), 1, 1, "configured")
-    predictor = AnalyticPredictor(load_model(MODEL_ID), hardware)
-    return EnginePipeline(settings, predictor, hardware, lookup_region("WORLD"), MODEL_ID, engine)
+    # The parent pickled this checkout's CompactStep: the same fields, in the same order.
+    contract = types.ModuleType("llmco2_vllm.accounting.step_contract")
+    contract.CompactStep = CompactStep
+    sys.modules["llmco2_vllm.accounting"] = types.ModuleType("llmco2_vllm.accounting")
+    sys.modules["llmco2_vllm.accounting.step_contract"] = contract
+
+    def feed(pipeline, steps):
+        for step in steps:
+            pipeline.recorder.put(step)
+        while pipeline.process_pending():
+            pass
+else:
+    from llmco2_vllm.accounting.pipeline import EnginePipeline
+    from llmco2_vllm.accounting.step_shapes import StepShapeBuilder
+    from llmco2_vllm.carbon.intensity import lookup_region
+    from llmco2_vllm.predict.gnn.distilled import DistilledGnnPredictor
+    from llmco2_vllm.predict.gnn.table import CorrectionTable
+    from llmco2_vllm.predict.hardware import Hardware, find_gpu
+    from llmco2_vllm.predict.model_description import load_model
+    from llmco2_vllm.predict.predictor import AnalyticPredictor
+    from llmco2_vllm.predict.step_shape import StepShape
+    from llmco2_vllm.settings import Settings
+
+    def feed(pipeline, steps):
+        pipeline.process_steps(steps)
+
+import importlib.util
+spec = importlib.util.spec_from_file_location("step_recording_benchmark", config["benchmark"])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+assert "vllm" not in sys.modules, "the measuring child must not import vLLM (the worker does not)"
+hardware = Hardware(find_gpu(bench.GPU), 1, 1, "configured")
+model = load_model(bench.MODEL_ID)
+table = config["table"]
+default = DistilledGnnPredictor(model, hardware, table=CorrectionTable.from_json(table)) if table else AnalyticPredictor(model, hardware)
+code = bench.Code(
+    lambda predictor, engine: EnginePipeline(Settings(), predictor, hardware, lookup_region("WORLD"), bench.MODEL_ID, engine),
+    feed,
+    {"analytic": AnalyticPredictor(model, hardware), "default": default},
+    StepShape,
+    StepShapeBuilder,
+)
+with open(config["inputs"], "rb") as handle:
+    inputs = pickle.load(handle)
+json.dump(bench.measure_round(code, inputs, config["calls"]), sys.stdout)
+"""
 
 
-def percentile(values, q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+def measuring_child(version: str, tree: Path, table: dict | None, inputs: Path, calls: int) -> dict:
+    """One round of ``measure_round`` on the package in ``tree``, in a child process without vLLM."""
+    config = {
+        "version": version, "benchmark": str(Path(__file__).resolve()), "table": table, "inputs": str(inputs), "calls": calls,
+    }  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURING_CHILD], input=json.dumps(config), capture_output=True, text=True,
+        cwd=tree, env=environment, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {version} in {tree} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Scheduler-thread recording cost
+# 2 and 3. Accounting worker CPU per step, step-prediction latency (any version of the package)
+# --------------------------------------------------------------------------------------------
+def worker_inputs(batches: list[int], steps: int, warmup: int) -> dict[int, dict]:
+    """Per batch size: real vLLM steps compacted by the engine's reader, as pickled worker messages
+    (``("steps", [CompactStep, ...], dropped, queued, errors)``, ``FORWARD_BATCH`` steps each)."""
+    from llmco2_vllm.dev.step_simulator import StepSimulator
+    from llmco2_vllm.plugin.scheduler_hook import StepRecord, compact_step
+
+    inputs = {}
+    for batch in batches:
+        simulator = StepSimulator(batch, random.Random(SEED + 1000 + batch), f"w{batch}")
+        compact = [compact_step(StepRecord(simulator.step(), {}, 0.0, time.perf_counter(), 0.004)) for _ in range(warmup + steps)]
+        inputs[batch] = {
+            "warm": pickle.dumps(compact[:warmup], protocol=pickle.HIGHEST_PROTOCOL),
+            "messages": [
+                pickle.dumps(("steps", compact[start : start + FORWARD_BATCH], 0, 0, []), protocol=pickle.HIGHEST_PROTOCOL)
+                for start in range(warmup, warmup + steps, FORWARD_BATCH)
+            ],
+            "steps": steps,
+            "prefills_per_step": simulator.new_per_step,
+        }
+    return inputs
+
+
+def measure_worker(code: Code, predictor_name: str, batch: int, warm: list, messages: list[bytes], steps: int) -> dict:
+    """Thread CPU and wall time of the pipeline's accounting per step; unpickling apart."""
+    engine = f"worker-{predictor_name}-{batch}"
+    pipeline = code.pipeline(code.predictors[predictor_name], engine)
+    code.feed(pipeline, warm)
+    processed_before = pipeline.steps_processed
+    cpu = wall = unpickle = 0.0
+    thread_time, clock = time.thread_time, time.perf_counter
+    for message in messages:
+        c0 = thread_time()
+        batch_steps = pickle.loads(message)[1]
+        c1, w1 = thread_time(), clock()
+        code.feed(pipeline, batch_steps)
+        wall += clock() - w1
+        cpu += thread_time() - c1
+        unpickle += c1 - c0
+    assert pipeline.steps_processed - processed_before == steps, (pipeline.steps_processed, processed_before, steps)
+    labels = {"model_name": MODEL_ID, "engine": engine}
+    errors = sum(
+        pipeline.registry.get_sample_value("llmco2_plugin_errors_total", {**labels, "stage": stage}) or 0.0
+        for stage in ("capture", "predict", "attribute", "carbon", "export")
+    )
+    assert errors == 0, f"the pipeline counted {errors} errors"
+    tokens = {
+        phase: pipeline.registry.get_sample_value("llmco2_tokens_total", {**labels, "phase": phase}) or 0.0
+        for phase in ("prefill", "decode")
+    }
+    accounted = steps + len(warm)
+    return {
+        "predictor": predictor_name,
+        "predictor_name": code.predictors[predictor_name].name,
+        "batch": batch,
+        "steps": steps,
+        "prefill_tokens_per_step": tokens["prefill"] / accounted,
+        "decode_tokens_per_step": tokens["decode"] / accounted,
+        "finished_requests": int(pipeline.registry.get_sample_value("llmco2_requests_total", labels) or 0),
+        "cpu_us_per_step": cpu / steps * 1e6,
+        "wall_us_per_step": wall / steps * 1e6,
+        "unpickle_us_per_step": unpickle / steps * 1e6,
+    }
+
+
+def prediction_shapes(code: Code, inputs: dict[int, dict]) -> dict[str, Any]:
+    shape = code.step_shape
+    shapes = {
+        "prefill 1 x 1024": shape.static_batch_prefill(1, 1024),
+        "decode 1 x 1024": shape.static_batch_decode(1, 1024),
+        "decode 64 x 1024": shape.static_batch_decode(64, 1024),
+    }
+    for batch in (64, 256):
+        builder = code.shape_builder()
+        for step in pickle.loads(inputs[batch]["warm"])[:5]:
+            simulated = builder.build(step).shape
+        shapes[f"simulated batch {batch}"] = simulated
+    assert tuple(shapes) == PREDICTION_CASES
+    return shapes
+
+
+def measure_predictions(code: Code, inputs: dict[int, dict], calls: int) -> list[dict]:
+    rows = []
+    clock, thread_time = time.perf_counter_ns, time.thread_time
+    for case, step in prediction_shapes(code, inputs).items():
+        for predictor_name, predictor in code.predictors.items():
+            predict = predictor.predict_step
+            for _ in range(max(10, calls // 10)):
+                predict(step)
+            samples = []
+            gc.collect()
+            gc.disable()
+            try:
+                c0 = thread_time()
+                for _ in range(calls):
+                    t0 = clock()
+                    predict(step)
+                    samples.append(clock() - t0)
+                cpu = thread_time() - c0
+            finally:
+                gc.enable()
+            rows.append({
+                "case": case,
+                "requests": len(step.request_ids),
+                "predictor": predictor_name,
+                "calls": calls,
+                "p50_us": percentile(samples, 50) / 1e3,
+                "p99_us": percentile(samples, 99) / 1e3,
+                "cpu_us_per_call": cpu / calls * 1e6,
+            })  # fmt: skip
+    return rows
+
+
+def measure_round(code: Code, inputs: dict[int, dict], calls: int) -> dict:
+    """One round of sections 2 and 3 on ``code`` (in a measuring child process)."""
+    worker = []
+    for batch, given in inputs.items():
+        warm = pickle.loads(given["warm"])
+        for predictor_name in code.predictors:
+            row = measure_worker(code, predictor_name, batch, warm, given["messages"], given["steps"])
+            row["prefills_per_step"] = given["prefills_per_step"]
+            worker.append(row)
+    return {"worker": worker, "prediction": measure_predictions(code, inputs, calls)}
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    """Cell by cell median over rounds (the rows of every round come in the same order)."""
+    merged: dict[str, Any] = {}
+    for section in ("worker", "prediction"):
+        rows = []
+        for cells in zip(*(r[section] for r in rounds)):
+            row = dict(cells[0])
+            for key in cells[0]:
+                if key.endswith(("_us", "_us_per_step", "_us_per_call")):
+                    row[key] = statistics.median(cell[key] for cell in cells)
+                    row[key + "_rounds"] = [cell[key] for cell in cells]
+            rows.append(row)
+        merged[section] = rows
+    merged["rounds"] = len(rounds)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Timing helpers
 # --------------------------------------------------------------------------------------------
 class StubScheduler:
     """Stands in for vLLM's Scheduler: hands out prebuilt outputs, cycling through them."""
@@ -225,10 +359,29 @@ def timer_floor(steps: int) -> list[int]:
     return sink
 
 
-def bench_scheduler(blocks: int, block_steps: int) -> list[dict]:
-    from llmco2_vllm.vllm_plugin import capturing_scheduler
 
-    wrapped_cls = capturing_scheduler(StubScheduler)
+
+# --------------------------------------------------------------------------------------------
+# 1. Scheduler-thread recording cost
+# --------------------------------------------------------------------------------------------
+class RecorderOnly:
+    """What the scheduler hook touches of the engine's ``StepForwarder``: its recorder (no thread)."""
+
+    def __init__(self, capacity: int) -> None:
+        from llmco2_vllm.plugin.scheduler_hook import StepRecorder
+
+        self.recorder = StepRecorder(capacity)
+
+    def stop(self) -> None:
+        pass
+
+
+def bench_scheduler(blocks: int, block_steps: int) -> list[dict]:
+    from llmco2_vllm.dev.step_simulator import StepSimulator, engine_outputs_for
+    from llmco2_vllm.plugin.scheduler_hook import capturing_scheduler
+    from llmco2_vllm.settings import Settings
+
+    capacity = Settings().queue_capacity
     results = []
     for batch in BATCH_SIZES:
         rng = random.Random(SEED + batch)
@@ -237,22 +390,15 @@ def bench_scheduler(blocks: int, block_steps: int) -> list[dict]:
         engine_outputs = [engine_outputs_for(o) for o in outputs]
 
         bare = StubScheduler(None, outputs, engine_outputs)
-        plugin_logger = logging.getLogger("llmco2_vllm")
-        level = plugin_logger.level
-        plugin_logger.setLevel(logging.CRITICAL)  # the stub has no vllm_config: build_engine_pipeline fails, as expected
-        try:
-            wrapped = wrapped_cls(None, outputs, engine_outputs)
-        finally:
-            plugin_logger.setLevel(level)
-        assert wrapped._llmco2 is None
-        pipeline = make_pipeline(f"sched-{batch}")
-        wrapped._llmco2 = pipeline
-        wrapped._llmco2_recorder = pipeline.recorder
+        forwarder = RecorderOnly(capacity)
+        wrapped = capturing_scheduler(StubScheduler, lambda vllm_config, forwarder=forwarder: forwarder)(None, outputs, engine_outputs)
+        recorder = wrapped._llmco2_recorder
+        assert recorder is forwarder.recorder
 
         # Warm-up (also checks that the wrapped scheduler really records).
         timed_block(bare, block_steps, [])
         timed_block(wrapped, block_steps, [])
-        warm = pipeline.recorder.drain(limit=10**9)
+        warm = recorder.drain(limit=10**9)
         assert len(warm) == block_steps, len(warm)
 
         bare_ns: list[int] = []
@@ -264,11 +410,10 @@ def bench_scheduler(blocks: int, block_steps: int) -> list[dict]:
                 order = (bare, wrapped) if block % 2 == 0 else (wrapped, bare)
                 for scheduler in order:
                     timed_block(scheduler, block_steps, bare_ns if scheduler is bare else wrapped_ns)
-                pipeline.recorder.drain(limit=10**9)  # the worker's job, outside the timed region
+                recorder.drain(limit=10**9)  # the forwarder's job, outside the timed region
         finally:
             gc.enable()
-        assert pipeline.recorder.dropped == 0
-        pass  # every block was drained above
+        assert recorder.dropped == 0
         assert not wrapped._llmco2_started
 
         row = {
@@ -293,146 +438,60 @@ def bench_scheduler(blocks: int, block_steps: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Worker throughput
-# --------------------------------------------------------------------------------------------
-def bench_worker(steps: int, warmup: int) -> list[dict]:
-    from llmco2_vllm.step_shape import StepShape
-
-    results = []
-    for batch in BATCH_SIZES:
-        rng = random.Random(SEED + 1000 + batch)
-        sim = StepSimulator(batch, rng, f"w{batch}")
-        warm_outputs = [sim.step() for _ in range(warmup)]
-        outputs = [sim.step() for _ in range(steps)]
-        pipeline = make_pipeline(f"worker-{batch}")
-
-        for output in warm_outputs:
-            pipeline.recorder.record(output, {}, time.perf_counter())
-        while pipeline.process_pending():
-            pass
-        processed_before = pipeline.steps_processed
-
-        for output in outputs:
-            pipeline.recorder.record(output, {}, time.perf_counter())
-        assert pipeline.recorder.dropped == 0
-        t0 = time.perf_counter()
-        while pipeline.process_pending():
-            pass
-        elapsed = time.perf_counter() - t0
-        assert pipeline.steps_processed - processed_before == steps
-        errors = sum(
-            pipeline.registry.get_sample_value("llmco2_plugin_errors_total", {"model_name": MODEL_ID, "engine": f"worker-{batch}", "stage": s}) or 0.0
-            for s in ("capture", "predict", "attribute", "carbon", "export")
-        )
-        assert errors == 0, f"pipeline reported {errors} errors"
-
-        labels = {"model_name": MODEL_ID, "engine": f"worker-{batch}"}
-        tokens = {
-            phase: pipeline.registry.get_sample_value("llmco2_tokens_total", {**labels, "phase": phase}) or 0.0
-            for phase in ("prefill", "decode")
-        }
-        # Predicted H100 time of a pure decode step of this batch at 1250 tokens of context (mid-range).
-        decode_step = pipeline.predictor.predict_step(StepShape.static_batch_decode(batch, 1250))
-        row = {
-            "batch": batch,
-            "steps": steps,
-            "prefills_per_step": sim.new_per_step,
-            "prefill_tokens_per_step": tokens["prefill"] / (steps + warmup),
-            "decode_tokens_per_step": tokens["decode"] / (steps + warmup),
-            "seconds": elapsed,
-            "steps_per_s": steps / elapsed,
-            "us_per_step": elapsed / steps * 1e6,
-            "predicted_h100_decode_step_ms": decode_step.seconds * 1e3,
-            "finished_requests": int(
-                pipeline.registry.get_sample_value("llmco2_requests_total", labels) or 0
-            ),
-            "ledger_size": len(pipeline.ledger),
-        }
-        row["share_of_5ms_step"] = row["us_per_step"] / 5000.0
-        results.append(row)
-        log(
-            f"  worker batch {batch:>3}: {row['steps_per_s']:.0f} steps/s, {row['us_per_step']:.0f} us/step "
-            f"({row['share_of_5ms_step']:.1%} of a 5 ms step)"
-        )
-    return results
-
-
-# --------------------------------------------------------------------------------------------
 # 2b. Forwarding (what stays in the engine process with the default worker process)
 # --------------------------------------------------------------------------------------------
 def bench_forwarder(steps: int) -> list[dict]:
-    """Engine-process cost per step of ``WorkerProcess.forward_pending``: compact + pickle, in batches."""
-    import pickle
+    """Engine-process cost per step of ``StepForwarder.forward_pending``: compact + a framed pickle per batch."""
+    import io
 
-    from llmco2_vllm.capture import StepRecord, compact_step
-    from llmco2_vllm.worker_process import FORWARD_BATCH
+    from llmco2_vllm.accounting.worker import write_message
+    from llmco2_vllm.dev.step_simulator import StepSimulator
+    from llmco2_vllm.plugin.scheduler_hook import StepRecord, compact_step
 
     results = []
     for batch in BATCH_SIZES:
         rng = random.Random(SEED + 2000 + batch)
         sim = StepSimulator(batch, rng, f"f{batch}")
         records = [StepRecord(sim.step(), {}, 0.0, 0.0, 0.0) for _ in range(steps)]
-        sizes = []
+        pipe = io.BytesIO()
         t0 = time.perf_counter()
         for start in range(0, steps, FORWARD_BATCH):
-            message = ("steps", [compact_step(r) for r in records[start:start + FORWARD_BATCH]], 0, [])
-            sizes.append(len(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+            batch_steps = [compact_step(r) for r in records[start : start + FORWARD_BATCH]]
+            write_message(pipe, ("steps", batch_steps, 0, 0, []))
         elapsed = time.perf_counter() - t0
-        row = {"batch": batch, "steps": steps, "us_per_step": elapsed / steps * 1e6, "bytes_per_step": sum(sizes) / steps}
+        row = {"batch": batch, "steps": steps, "us_per_step": elapsed / steps * 1e6, "bytes_per_step": pipe.tell() / steps}
         results.append(row)
         log(f"  forwarder batch {batch:>3}: {row['us_per_step']:.1f} us/step, {row['bytes_per_step']:.0f} bytes/step")
     return results
 
 
-# --------------------------------------------------------------------------------------------
-# 3. Forecast latency
-# --------------------------------------------------------------------------------------------
-def bench_forecast(calls: int, warmup: int) -> list[dict]:
-    from llmco2_vllm.step_shape import StepShape
+def bench_request_forecast(predictors: dict[str, Any], calls: int) -> list[dict]:
+    from llmco2_vllm.predict.forecast import forecast_static_batch
 
-    from llmco2_vllm.forecast import forecast_static_batch
-
-    predictor = make_pipeline("forecast").predictor
     rng = random.Random(0)
     requests = [(rng.randint(1, 2048), rng.randint(1, 1024)) for _ in range(64)]  # (prompt, max output) per request
-    cases = [
-        ("step: prefill, 1 request, 1024 prompt tokens", lambda i: predictor.predict_step(StepShape.static_batch_prefill(1, 1024))),
-        ("step: decode, 1 request, 1024 context tokens", lambda i: predictor.predict_step(StepShape.static_batch_decode(1, 1024))),
-        ("step: decode, 64 requests, 1024 context", lambda i: predictor.predict_step(StepShape.static_batch_decode(64, 1024))),
-        (
-            "request forecast: prefill + all decode steps, random prompt 1-2048 / output 1-1024",
-            lambda i: forecast_static_batch(predictor, 1, *requests[i % len(requests)]),
-        ),
-    ]
     results = []
     clock = time.perf_counter_ns
-    for name, call in cases:
-        for i in range(warmup):
-            call(i)
+    for predictor_name, predictor in predictors.items():
+        for i in range(calls // 10):
+            forecast_static_batch(predictor, 1, *requests[i % len(requests)])
         samples = []
         gc.collect()
         gc.disable()
         try:
             for i in range(calls):
                 t0 = clock()
-                call(i)
+                forecast_static_batch(predictor, 1, *requests[i % len(requests)])
                 samples.append(clock() - t0)
         finally:
             gc.enable()
-        row = {
-            "case": name,
-            "calls": calls,
-            "p50_us": percentile(samples, 50) / 1e3,
-            "p99_us": percentile(samples, 99) / 1e3,
-        }
-        results.append(row)
-        log(f"  forecast {name}: p50 {row['p50_us']:.1f} us, p99 {row['p99_us']:.1f} us")
+        results.append({
+            "predictor": predictor_name, "calls": calls,
+            "p50_us": percentile(samples, 50) / 1e3, "p99_us": percentile(samples, 99) / 1e3,
+        })  # fmt: skip
     return results
 
 
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -460,8 +519,15 @@ def machine() -> dict:
     }
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
 def render(report: dict) -> str:
     m = report["machine"]
+    before = report.get("before")
+    after = report["after"]
     lines = [
         "# llmco2-vllm: what step recording costs vLLM",
         "",
@@ -474,7 +540,7 @@ def render(report: dict) -> str:
         "## 1. Scheduler-thread recording cost per step (the plugin's cost in vLLM's hot loop)",
         "",
         "Stub scheduler returning prebuilt real `SchedulerOutput`s (new + running requests), bare vs. wrapped by "
-        "`capturing_scheduler` with a real `EnginePipeline`; `perf_counter_ns` around `schedule()` + "
+        "`capturing_scheduler` with the engine's `StepRecorder`; `perf_counter_ns` around `schedule()` + "
         "`update_from_output()`, interleaved blocks, gc off. Timer floor (two back-to-back `perf_counter_ns`): "
         f"p50 {report['timer_floor_ns']['p50']:.0f} ns, p99 {report['timer_floor_ns']['p99']:.0f} ns.",
         "",
@@ -488,35 +554,62 @@ def render(report: dict) -> str:
             f"| {r['bare_p99_us']:.2f} | {r['wrapped_p50_us']:.2f} | {r['wrapped_p99_us']:.2f} | {r['added_p50_us']:.2f} "
             f"| {r['added_p99_us']:.2f} | {r['added_mean_us']:.2f} |"
         )
+    rounds = after.get("rounds", 1)
     lines += [
         "",
-        "## 2. Worker throughput (`EnginePipeline`: in the worker process by default, else a worker thread)",
+        "## 2. Accounting worker: CPU per step (`EnginePipeline.process_steps`, in the worker process by default)",
         "",
-        f"Real `EnginePipeline` ({MODEL_ID}, analytic predictor, 1 x {GPU}): steady-state decode-heavy steps "
-        "(running requests with 500-2000 tokens of context, batch/16 whole-prompt prefills of 256-2048 tokens per "
-        "step, as many requests finishing), recorded with `recorder.record(output, {}, started)`, then "
-        "`process_pending()` timed (gc on). Public measurements put an H100 decode step at 5-35 ms; the last "
-        "columns give the analytic model's own H100 decode-step time for the batch and the worker's cost as a "
-        "share of a 5 ms step.",
-        "",
-        "| batch | prefills/step | prefill tok/step | decode tok/step | steps | steps/s | µs/step "
-        "| predicted H100 decode step (ms) | share of a 5 ms step |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"Real `EnginePipeline` ({MODEL_ID}, 1 x {GPU}) fed steady-state decode-heavy steps (running requests with "
+        "500-2000 tokens of context, batch/16 whole-prompt prefills of 256-2048 tokens per step, as many requests "
+        "finishing): real vLLM `SchedulerOutput`s compacted with `scheduler_hook.compact_step` and pickled into the "
+        f"worker's messages of {FORWARD_BATCH} steps. A child process without vLLM (as the worker process) unpickles "
+        "them and runs `process_steps`; the table gives its thread CPU time (`time.thread_time`) and wall time per "
+        "step (gc on), for the analytic predictor and the plugin's default (`gnn`: the distilled GNN table over the "
+        "analytic prediction), and the unpickling, also the worker's work, apart. Each cell is the median of "
+        f"{rounds} round(s).",
     ]
-    for r in report["worker"]:
-        lines.append(
-            f"| {r['batch']} | {r['prefills_per_step']} | {r['prefill_tokens_per_step']:.0f} | {r['decode_tokens_per_step']:.0f} "
-            f"| {r['steps']} | {r['steps_per_s']:.0f} | {r['us_per_step']:.0f} | {r['predicted_h100_decode_step_ms']:.2f} "
-            f"| {r['share_of_5ms_step']:.1%} |"
-        )
+    if before:
+        lines += [
+            "",
+            f"Before: the code of commit {before['commit']} (per-request Python in the shape builder, the ledger and "
+            "the roofline's per-operator arrays), measured on the same messages in the same run "
+            f"({before.get('rounds', 1)} round(s), alternating with the rounds of this code; its pipeline took the "
+            "steps through `recorder.put` + `process_pending()`). That commit's own results (wall time, analytic, "
+            "`compact_step` inside the timed worker thread, in vLLM's process, another day on this shared machine): "
+            + ", ".join(f"batch {b} {us} µs" for b, us in before["committed_wall_us_per_step"].items())
+            + ".",
+        ]
+    lines += [
+        "",
+        "| predictor | batch | prefills/step | prefill tok/step | decode tok/step | steps "
+        + ("| before CPU µs/step | before wall µs/step " if before else "")
+        + "| CPU µs/step | wall µs/step | unpickle µs/step "
+        + ("| CPU speed-up " if before else "")
+        + "| share of a 5 ms step |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if before else "") + "---:|---:|---:|" + ("---:|" if before else "") + "---:|",
+    ]
+    before_rows = {(r["predictor"], r["batch"]): r for r in before["worker"]} if before else {}
+    for r in after["worker"]:
+        b = before_rows.get((r["predictor"], r["batch"]))
+        cells = [
+            f"{r['predictor']} (`{r['predictor_name']}`)", str(r["batch"]), str(r["prefills_per_step"]),
+            f"{r['prefill_tokens_per_step']:.0f}", f"{r['decode_tokens_per_step']:.0f}", str(r["steps"]),
+        ]  # fmt: skip
+        if before:
+            cells += [f"{b['cpu_us_per_step']:.0f}", f"{b['wall_us_per_step']:.0f}"] if b else ["", ""]
+        cells += [f"{r['cpu_us_per_step']:.0f}", f"{r['wall_us_per_step']:.0f}", f"{r['unpickle_us_per_step']:.1f}"]
+        if before:
+            cells.append(f"{b['cpu_us_per_step'] / r['cpu_us_per_step']:.1f}x" if b else "")
+        cells.append(f"{(r['cpu_us_per_step'] + r['unpickle_us_per_step']) / 5000:.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "## 2b. Forwarding cost in the engine process (the default, `LLMCO2_WORKER=process`)",
         "",
         "With the default worker process, the engine process does only the scheduler hook (section 1) and, on its "
-        "forwarding thread, `capture.compact_step` + one pickle per batch of up to "
-        f"{report.get('forward_batch', '?')} steps (`WorkerProcess.forward_pending`); the work of section 2 runs in "
-        "the worker process. Same steps as section 2, timed end to end (gc on).",
+        "forwarding thread, `scheduler_hook.compact_step` + one framed pickle per batch of up to "
+        f"{FORWARD_BATCH} steps (`StepForwarder.forward_pending`); the work of section 2 runs in the worker process. "
+        "Same kind of steps as section 2, timed end to end (gc on).",
         "",
         "| batch | steps | µs/step in the engine process | bytes/step on the pipe |",
         "|---:|---:|---:|---:|",
@@ -525,28 +618,58 @@ def render(report: dict) -> str:
         lines.append(f"| {r['batch']} | {r['steps']} | {r['us_per_step']:.1f} | {r['bytes_per_step']:.0f} |")
     lines += [
         "",
-        "## 3. Forecast latency (analytic predictor, after warm-up, gc off)",
+        "## 3. Step-prediction latency (after warm-up, gc off)",
         "",
-        "A step prediction (`predict_step`, with per-request attribution weights) and a request forecast "
-        "(`forecast_static_batch`: the prefill step plus every decode step, in closed form).",
+        "`predict_step` with per-request attribution weights, the call the worker makes per step: fixed static "
+        "batches and steps of the section-2 simulation (the fifth step; batch/16 prefills). p50/p99 of "
+        "`perf_counter_ns` per call; CPU = thread CPU time per call."
+        + (f" Before: commit {before['commit']}, as in section 2." if before else ""),
         "",
-        "| what | calls | p50 (µs) | p99 (µs) |",
+        "| step | requests | predictor " + ("| before p50 (µs) " if before else "") + "| p50 (µs) | p99 (µs) | CPU (µs) |",
+        "|---|---:|---|" + ("---:|" if before else "") + "---:|---:|---:|",
+    ]
+    before_predictions = {(r["case"], r["predictor"]): r for r in before["prediction"]} if before else {}
+    for r in after["prediction"]:
+        b = before_predictions.get((r["case"], r["predictor"]))
+        cells = [r["case"], str(r["requests"]), r["predictor"]]
+        if before:
+            cells.append(f"{b['p50_us']:.1f}" if b else "")
+        cells += [f"{r['p50_us']:.1f}", f"{r['p99_us']:.1f}", f"{r['cpu_us_per_call']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "A request forecast (`forecast_static_batch`: the prefill step plus every decode step, in closed form), "
+        "random prompt 1-2048 / output 1-1024 tokens:",
+        "",
+        "| predictor | calls | p50 (µs) | p99 (µs) |",
         "|---|---:|---:|---:|",
     ]
-    for r in report["forecast"]:
-        lines.append(f"| {r['case']} | {r['calls']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} |")
+    for r in report["request_forecast"]:
+        lines.append(f"| {r['predictor']} | {r['calls']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+# That commit's benchmarks/results/step_recording.md, section 2 (µs/step, wall, analytic).
+COMMITTED_BEFORE_WALL_US = {1: 445, 8: 520, 32: 622, 64: 788, 128: 1085, 256: 1803}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (smoke test); numbers are noisier")
+    parser.add_argument(
+        "--before-tree", type=Path, default=None,
+        help=f"a checkout of commit {BEFORE_COMMIT} (git worktree add DIR {BEFORE_COMMIT}): measure it too",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of sections 2-3 (default 3, quick 1)")
     args = parser.parse_args(argv)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
 
     if args.quick:
-        blocks, block_steps, worker_steps, forecast_calls = 6, 500, 100, 300
+        blocks, block_steps, worker_steps, calls, rounds = 6, 500, 100, 300, 1
     else:
-        blocks, block_steps, worker_steps, forecast_calls = 60, 1000, 1000, 5000
+        blocks, block_steps, worker_steps, calls, rounds = 60, 1000, 1000, 5000, 3
+    rounds = args.rounds or rounds
     started = time.perf_counter()
     load_before = os.getloadavg()
     log(f"step_recording benchmark ({'quick' if args.quick else 'full'}); importing vLLM ...")
@@ -554,17 +677,54 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(SEED)
     import vllm.v1.core.sched.output  # noqa: F401  (slow import, outside every timed region)
 
+    from llmco2_vllm.plugin.step_forwarder import FORWARD_BATCH as forward_batch
+    from llmco2_vllm.predict.gnn.distilled import DistilledGnnPredictor
+    from llmco2_vllm.predict.hardware import Hardware, find_gpu
+    from llmco2_vllm.predict.model_description import load_model
+    from llmco2_vllm.predict.predictor import AnalyticPredictor
+
+    assert forward_batch == FORWARD_BATCH, (forward_batch, FORWARD_BATCH)
     info = machine()
     log(f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}")
     floor = timer_floor(200_000 if not args.quick else 20_000)
     log("1/3 scheduler-thread recording cost")
     scheduler = bench_scheduler(blocks, block_steps)
-    log("2/3 worker throughput")
-    worker = bench_worker(worker_steps, warmup=20 if args.quick else 100)
+
+    log("2/3 accounting worker and step prediction: distilling the default predictor's GNN table ...")
+    hardware = Hardware(find_gpu(GPU), 1, 1, "configured")
+    default = DistilledGnnPredictor(load_model(MODEL_ID), hardware)
+    table = None if default.table is None else default.table.to_json()
+    log("  compacting the simulated vLLM steps ...")
+    inputs = worker_inputs(list(BATCH_SIZES), worker_steps, 20 if args.quick else 100)
+    after_rounds, before_rounds = [], []
+    with tempfile.TemporaryDirectory(prefix="llmco2-step-recording-") as directory:
+        inputs_path = Path(directory) / "inputs.pickle"
+        inputs_path.write_bytes(pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL))
+        for round_index in range(rounds):
+            order = ("before", "current") if round_index % 2 == 0 else ("current", "before")
+            for version in order:
+                if version == "before" and args.before_tree is None:
+                    continue
+                tree = REPO if version == "current" else args.before_tree.resolve()
+                log(f"  round {round_index + 1}/{rounds}: {version} ({tree})")
+                result = measuring_child(version, tree, table, inputs_path, calls)
+                (after_rounds if version == "current" else before_rounds).append(result)
+    after = median_rounds(after_rounds)
+    for r in after["worker"]:
+        log(f"  worker {r['predictor']:>8} batch {r['batch']:>3}: {r['cpu_us_per_step']:.0f} us CPU/step, {r['wall_us_per_step']:.0f} us wall")
+    if before_rounds:
+        before = {**median_rounds(before_rounds), "commit": BEFORE_COMMIT}
+    else:  # keep the before numbers of the previous results
+        previous = RESULTS / "step_recording.json"
+        before = json.loads(previous.read_text()).get("before") if previous.exists() else None
+    if before is not None:
+        before["committed_wall_us_per_step"] = COMMITTED_BEFORE_WALL_US
     log("2b forwarding cost (engine side of the worker process)")
     forwarder = bench_forwarder(worker_steps)
-    log("3/3 forecast latency")
-    forecast = bench_forecast(forecast_calls, warmup=forecast_calls // 10)
+    log("3/3 request forecast latency")
+    request_forecast = bench_request_forecast(
+        {"analytic": AnalyticPredictor(load_model(MODEL_ID), hardware), "default": default}, calls
+    )
 
     report = {
         "mode": "quick" if args.quick else "full",
@@ -574,10 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": GPU,
         "timer_floor_ns": {"p50": percentile(floor, 50), "p99": percentile(floor, 99)},
         "scheduler": scheduler,
-        "worker": worker,
+        "after": after,
+        "before": before,
         "forwarder": forwarder,
-        "forward_batch": __import__("llmco2_vllm.worker_process", fromlist=["FORWARD_BATCH"]).FORWARD_BATCH,
-        "forecast": forecast,
+        "forward_batch": FORWARD_BATCH,
+        "request_forecast": request_forecast,
     }
     report["total_seconds"] = time.perf_counter() - started
     report["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}

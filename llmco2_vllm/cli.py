@@ -17,8 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Sequence
 
-
-from .batch_predict import BATCH_COLUMNS, OPTIONAL_BATCH_COLUMNS
+from llmco2_vllm.predict.batch_predict import BATCH_COLUMNS, OPTIONAL_BATCH_COLUMNS
 
 
 def _positive_int(text: str) -> int:
@@ -34,7 +33,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `llmco2 train` / `python -m llmco2_vllm.train_gnn` (defaults reproduce the shipped checkpoint)."""
+    """Arguments of `llmco2 train` (defaults reproduce the shipped checkpoint)."""
     parser.add_argument("--out", default="llmco2_vllm/data/gnn_default.safetensors", help="checkpoint to write")
     parser.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
     parser.add_argument("--epochs", type=int, default=40, help="epochs per member (default 40)")
@@ -43,7 +42,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `llmco2 eval` / `python -m llmco2_vllm.evaluation`."""
+    """Arguments of `llmco2 eval`."""
     parser.add_argument("--out", default="benchmarks/results", help="folder for gnn_eval.md and the PNGs")
     parser.add_argument("--members", type=_positive_int, default=2, help="ensemble members per CV fold (default 2)")
     parser.add_argument("--epochs", type=_positive_int, default=25, help="epochs per member per fold (default 25)")
@@ -114,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "collect",
         help="measure per-step time and energy on this machine's NVIDIA GPU (training/calibration data)",
     )
-    from .collect import add_arguments as add_collect_arguments
+    from llmco2_vllm.measure.collect import add_arguments as add_collect_arguments
 
     add_collect_arguments(collect)
 
@@ -140,15 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "train":
-            from .train_gnn import run as run_train
+            from llmco2_vllm.predict.gnn.training import run as run_train
 
             return run_train(args)
         if args.command == "eval":
-            from .evaluation import run as run_eval
+            from llmco2_vllm.predict.gnn.evaluation import run as run_eval
 
             return run_eval(args)
         if args.command == "collect":
-            from .collect import run as run_collect
+            from llmco2_vllm.measure.collect import run as run_collect
 
             return run_collect(args)
         return _listing(args)
@@ -158,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .batch_predict import BatchPredictor, predict_file
+    from llmco2_vllm.predict.batch_predict import BatchPredictor, predict_file
 
     predictor = BatchPredictor(calibration_path=args.calibration, pue=args.pue, predictor=args.predictor)
     if args.batch_file:
@@ -195,8 +194,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import csv
 
-    from .batch_predict import BatchPredictor
-    from .calibration import fit_offline
+    from llmco2_vllm.predict.batch_predict import BatchPredictor
+    from llmco2_vllm.predict.calibration import fit_offline
 
     predictor = BatchPredictor()
     windows: list[tuple[float, float, float, float]] = []
@@ -248,7 +247,7 @@ def _in_sample_errors(calibrator, windows) -> tuple[float, float]:
 def _listing(args: argparse.Namespace) -> int:
     rows: list[dict]
     if args.command == "gpus":
-        from .hardware import gpu_catalog
+        from llmco2_vllm.predict.hardware import gpu_catalog
 
         rows = [
             {
@@ -264,12 +263,12 @@ def _listing(args: argparse.Namespace) -> int:
         ]
         columns = ("name", "memory_gb", "memory_bandwidth_gb_per_s", "bf16_dense_tflops", "tdp_watts")
     elif args.command == "regions":
-        from .carbon import region_table
+        from llmco2_vllm.carbon.intensity import region_table
 
         rows = [asdict(intensity) for intensity in region_table().values()]
         columns = ("region", "grams_co2e_per_kwh", "year", "kind")
     else:
-        from .model_description import model_catalog
+        from llmco2_vllm.predict.model_description import model_catalog
 
         rows = [
             {"model_id": model_id, "total_params_b": entry.get("total_params_b"), "status": entry.get("status")}

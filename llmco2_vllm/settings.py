@@ -1,178 +1,364 @@
 """The plugin's settings: one place, environment variables ``LLMCO2_*`` over an optional TOML file.
 
-Precedence: built-in default < file named by ``LLMCO2_CONFIG`` < environment variable. Every value
-is validated at start-up; a wrong one raises ``SettingsError`` whose message says how to fix it.
+Precedence: built-in default < file named by ``LLMCO2_CONFIG`` < environment variable. Each
+setting is declared once, as a field of ``Settings``: its type and default, the range or choices
+it allows, the fix its error message gives, and its line of the README's settings table.
+Parsing, validation and that table are generated from the declarations; a wrong value raises
+``SettingsError`` whose message says how to fix it.
+
+Settings check values, not the files they name: the grid-intensity file is checked by
+``llmco2_vllm.carbon.providers.check_intensity_sources`` and the calibration file by
+``OnlineCalibrator.load``, both at start-up. The one look at the disk here is whether the
+directory a setting will write into exists and is writable.
+
+The README table is regenerated with ``python -m llmco2_vllm.settings --update-readme README.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
-import tomllib
+import re
+import types
+import typing
 import urllib.parse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from dataclasses import field as dataclass_field
-from typing import TYPE_CHECKING, Any, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
-if TYPE_CHECKING:
-    from .carbon import EmbodiedCarbon
+import tomllib
+
+from llmco2_vllm.carbon.embodied import EmbodiedCarbon, default_embodied_carbon
+from llmco2_vllm.carbon.intensity import MAX_GRAMS_CO2E_PER_KWH, UnknownRegionError, lookup_region
+from llmco2_vllm.predict.hardware import UnknownGpuError, find_gpu
+
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "SettingDeclaration",
+    "setting_declarations",
+    "settings_table_markdown",
+    "with_settings_table",
+]
 
 ENV_PREFIX = "LLMCO2_"
 # Variables the plugin sets or reads for its own plumbing, not user settings.
 INTERNAL_VARIABLES = {"LLMCO2_CONFIG", "LLMCO2_RUN_DIR"}
+TABLE_START = "<!-- settings-table:start -->"
+TABLE_END = "<!-- settings-table:end -->"
+_RULE_KEY = "llmco2_setting"
 
 
 class SettingsError(ValueError):
     """A setting is wrong; the message names it and says how to fix it."""
 
 
+# --- value checks the range and choices cannot express; each raises ValueError(the fix) --------------------------------
+
+
+def _known_gpu(name: str) -> None:
+    try:
+        find_gpu(name)
+    except UnknownGpuError as error:
+        raise ValueError(str(error)) from None
+
+
+def _predictor_name(name: str) -> None:
+    if name not in ("analytic", "gnn") and ":" not in name:
+        raise ValueError("use 'analytic', 'gnn' or an import path 'package.module:Class'.")
+
+
+def _writable_directory(path: str) -> None:
+    if path:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"directory {parent!r} does not exist or is not writable.")
+
+
+def _http_base_url(url: str) -> None:
+    parsed = urllib.parse.urlparse(url)
+    if url and (parsed.scheme not in ("http", "https") or not parsed.netloc):
+        raise ValueError(
+            "give the http(s) base URL of the Electricity Maps API v3, e.g. https://api.electricitymaps.com/v3."
+        )
+
+
+@dataclass(frozen=True)
+class _Rule:
+    doc: str
+    minimum: float | None
+    maximum: float | None
+    choices: tuple[str, ...]
+    check: Callable[[Any], None] | None
+    fix: str
+    secret: bool
+
+
+def _setting(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+    check: Callable[[Any], None] | None = None,
+    fix: str = "",
+    secret: bool = False,
+) -> Any:
+    """Declare one setting (the ``Settings`` field it is assigned to gives its name and type).
+
+    ``doc`` is its README meaning (markdown); ``fix`` is what an out-of-range or unlisted value's
+    error says after ``VARIABLE=value:``. Both may name ``{minimum}``, ``{maximum}`` and
+    ``{default}``, filled in from the declaration. ``check`` raises ``ValueError(fix)`` for what a
+    range or choices cannot say. A ``secret`` value never appears in repr or in messages.
+    """
+    rule = _Rule(doc, minimum, maximum, choices, check, fix, secret)
+    return dataclass_field(default=default, repr=not secret, metadata={_RULE_KEY: rule})
+
+
 @dataclass(frozen=True)
 class Settings:
-    """All user settings. Field ``name`` is read from ``LLMCO2_NAME`` or key ``name`` in the file."""
+    """All user settings. Field ``name`` is read from ``LLMCO2_NAME`` or key ``name`` in the file.
 
-    enabled: bool = True
-    target_gpu: str = "H100-SXM5-80GB"  # predicted-for GPU when NVML sees none (CPU hosts, tests)
-    region: str = "WORLD"  # grid region code (ISO 3166 country, eGRID subregion, WORLD)
-    grid_intensity: float | None = None  # gCO2e/kWh; overrides the region's annual average
-    pue: float = 1.0  # 1.0 = GPU-only boundary; set your facility's power usage effectiveness
-    predictor: str = "gnn"  # LLMCO2 GNN (distilled for the hot path), "analytic" (roofline only) or "package.module:Class"
-    worker: str = "process"  # "process": accounting runs in a worker process, off vLLM's engine process; "thread": in it
-    queue_capacity: int = 8192  # steps waiting for the worker before new ones are dropped (and counted)
-    flush_interval_seconds: float = 0.5  # how often the engine publishes metrics to the API server
-    max_tracked_requests: int = 100_000  # running requests kept in the attribution ledger
-    request_log: str = ""  # JSON-lines file: one record per finished request (audits); empty = off
-    measure_energy: bool = True  # read the GPUs' energy counters through NVML when a GPU is present
-    calibration_file: str = ""  # where the online calibration is kept across restarts; empty = not kept
-    calibration_window_seconds: float = 5.0  # measured energy is compared with predictions over windows this long
-    calibration_forgetting: float = 0.98  # weight of the previous window in the online fit (~50-window memory)
-    grid_intensity_file: str = ""  # CSV/JSON time series of gCO2e/kWh; wins over the live API and the static value
-    grid_intensity_url: str = ""  # Electricity Maps v3 base URL, e.g. https://api.electricitymaps.com/v3; empty = no live data
-    grid_intensity_zone: str = ""  # Electricity Maps zone (FR, DE, US-CAL-CISO); empty = region
-    grid_intensity_api_key: str = dataclass_field(default="", repr=False)  # sent as the auth-token header; never logged or shown
-    grid_intensity_refresh_seconds: float = 300.0  # how often the live value is fetched (free tiers allow tens per hour)
-    grid_intensity_timeout_seconds: float = 5.0  # per fetch socket operation; the worker never waits on it
-    embodied_kg_per_gpu: float | None = None  # embodied kgCO2e per GPU incl. its server share; None = bundled 463 kg; 0 = off
-    hardware_lifetime_years: float = 4.0  # amortisation period of the embodied carbon
-    admission_max_request_grams: float = 0.0  # reject a request whose forecast gCO2e exceeds this; 0 = off
-    admission_budget_grams: float = 0.0  # rolling carbon budget over the window below; 0 = off
-    admission_budget_window_seconds: float = 3600.0  # length of the rolling budget window
-    admission_defer_above_intensity: float = 0.0  # gCO2e/kWh above which deferrable requests wait; 0 = off
-    admission_max_defer_seconds: float = 600.0  # longest a deferrable request may wait
-    admission_fail_closed: bool = False  # a failure inside admission rejects instead of admitting
-    request_results_retention_seconds: float = 3600.0  # how long per-request results stay queryable
+    The fields appear in this order in the README table.
+    """
+
+    enabled: bool = _setting(True, "`false` leaves vLLM untouched")
+    target_gpu: str = _setting(
+        "H100-SXM5-80GB",
+        "GPU to predict for when NVML sees none (any name or alias from `llmco2 gpus`). "
+        "With a GPU present, the detected one is used.",
+        check=_known_gpu,
+    )
+    region: str = _setting(  # checked with grid_intensity in _check_combinations
+        "WORLD",
+        "grid region for carbon: ISO 3166 country (`FR`, `US`), eGRID subregion (`CAMX`), `EU`, `WORLD` (`llmco2 regions`)",
+    )
+    grid_intensity: float | None = _setting(
+        None,
+        "gCO2e/kWh; overrides the region's annual average",
+        minimum=0.0,
+        maximum=MAX_GRAMS_CO2E_PER_KWH,
+        fix="give gCO2e/kWh between {minimum} and {maximum} (world average ~470).",
+    )
+    pue: float = _setting(
+        1.0,
+        "data-centre power usage effectiveness; 1.0 = GPU-only boundary (like ML.ENERGY). Set your facility's value.",
+        minimum=1.0,
+        maximum=5.0,
+        fix="power usage effectiveness is a ratio >= 1.0 (e.g. 1.2), at most {maximum}.",
+    )
+    predictor: str = _setting(
+        "gnn",
+        "`gnn` (the LLMCO2 GNN, distilled into a table for the plugin; see below), `analytic` (the roofline model "
+        "alone), or `package.module:Class` for your own `StepPredictor`",
+        check=_predictor_name,
+    )
+    request_log: str = _setting(
+        "", "JSON-lines file, one record per finished request (audits)", check=_writable_directory
+    )
+    measure_energy: bool = _setting(True, "read the engine's GPUs' energy counters through NVML when a GPU is present")
+    calibration_file: str = _setting(
+        "",
+        "where the online calibration is kept across restarts (loaded at start; a corrupt file stops start-up with the fix)",
+        check=_writable_directory,
+    )
+    calibration_window_seconds: float = _setting(
+        5.0,
+        "measured energy is compared with predictions over windows this long",
+        minimum=0.5,
+        maximum=3600.0,
+        fix="use {minimum} to {maximum} seconds (NVML energy counters advance every ~100 ms; default {default}).",
+    )
+    calibration_forgetting: float = _setting(
+        0.98,
+        "forgetting factor of the online fit (remembers ~50 windows; 1.0 never forgets)",
+        minimum=0.5,
+        maximum=1.0,
+        fix="use {minimum} to 1.0 (1.0 never forgets; default {default} remembers ~50 windows).",
+    )
+    worker: str = _setting(
+        "process",
+        "`process`: the accounting runs in the plugin's own worker process, vLLM's engine process keeps only the "
+        "step hook and a forwarding thread; `thread`: in a thread of the engine process "
+        "(see [How it works](#how-it-works-inside-vllm))",
+        choices=("process", "thread"),
+        fix="use 'process' (default: accounting off vLLM's engine process) or 'thread'.",
+    )
+    queue_capacity: int = _setting(
+        8192,
+        "captured steps waiting for the worker; beyond it steps are dropped and counted, never blocking vLLM",
+        minimum=16,
+        fix="use at least {minimum} (default {default}).",
+    )
+    flush_interval_seconds: float = _setting(
+        0.5,
+        "how often the engine publishes its metrics to the API server",
+        minimum=0.05,
+        maximum=60.0,
+        fix="use {minimum} to {maximum} seconds (default {default}).",
+    )
+    max_tracked_requests: int = _setting(
+        100_000,
+        "running requests held in the attribution ledger (bounded memory)",
+        minimum=100,
+        fix="use at least {minimum}.",
+    )
+    grid_intensity_file: str = _setting(
+        "",
+        "CSV or JSON time series of gCO2e/kWh (see [Carbon](#carbon)); wins over the live API and the static value; "
+        "checked at start, re-read when it changes",
+    )
+    grid_intensity_url: str = _setting(
+        "",
+        "Electricity Maps API v3 base URL, e.g. `https://api.electricitymaps.com/v3`, for live intensity "
+        "(the static value or region average is the fallback)",
+        check=_http_base_url,
+    )
+    grid_intensity_zone: str = _setting(
+        "",
+        "Electricity Maps zone (`FR`, `DE`, `US-CAL-CISO`); unset = `LLMCO2_REGION`. Also the region label of a file's values",
+    )
+    grid_intensity_api_key: str = _setting("", "sent as the `auth-token` header; never logged", secret=True)
+    grid_intensity_refresh_seconds: float = _setting(
+        300.0,
+        "how often the live value is fetched ({minimum} to {maximum}; free tiers allow tens of requests per hour)",
+        minimum=10.0,
+        maximum=86400.0,
+        fix="use {minimum} to {maximum} seconds (default {default}; free API tiers allow tens of requests per hour).",
+    )
+    grid_intensity_timeout_seconds: float = _setting(
+        5.0,
+        "timeout of each fetch's socket operations ({minimum} to {maximum}); fetches run on their own thread",
+        minimum=0.1,
+        maximum=60.0,
+        fix="use {minimum} to {maximum} seconds (default {default}).",
+    )
+    embodied_kg_per_gpu: float | None = _setting(
+        None,
+        "embodied kgCO2e per GPU including its share of the server; unset = bundled default (463), "
+        "`0` = no embodied carbon",
+        minimum=0.0,
+        maximum=10000.0,
+        fix="give kgCO2e per GPU including its share of the server, {minimum} to {maximum} (bundled default 463 = "
+        "1/8 of an 8-GPU node; 0 switches embodied carbon off; unset for the default).",
+    )
+    hardware_lifetime_years: float = _setting(
+        4.0,
+        "years the embodied carbon is amortised over ({minimum} to {maximum})",
+        minimum=0.5,
+        maximum=15.0,
+        fix="use {minimum} to {maximum} years (default {default}).",
+    )
+    admission_max_request_grams: float = _setting(
+        0.0,
+        "reject a request whose forecast gCO2e exceeds this; 0 = off",
+        minimum=0.0,
+        fix="give gCO2e per request >= {minimum} (0 switches it off).",
+    )
+    admission_budget_grams: float = _setting(
+        0.0,
+        "rolling carbon budget, gCO2e per window; 0 = off",
+        minimum=0.0,
+        fix="give gCO2e per budget window >= {minimum} (0 switches it off).",
+    )
+    admission_budget_window_seconds: float = _setting(
+        3600.0,
+        "length of the rolling budget window ({minimum} to {maximum})",
+        minimum=1.0,
+        maximum=30 * 86400.0,
+        fix="use {minimum} to {maximum} seconds (30 days; default {default}).",
+    )
+    admission_defer_above_intensity: float = _setting(
+        0.0,
+        "gCO2e/kWh; deferrable requests wait while the grid intensity is above it; 0 = off",
+        minimum=0.0,
+        maximum=MAX_GRAMS_CO2E_PER_KWH,
+        fix="give gCO2e/kWh between {minimum} and {maximum} (0 switches deferral off; world average ~470).",
+    )
+    admission_max_defer_seconds: float = _setting(
+        600.0,
+        "longest a deferrable request waits ({minimum} to {maximum})",
+        minimum=0.0,
+        maximum=86400.0,
+        fix="use {minimum} to {maximum} seconds (default {default}).",
+    )
+    admission_fail_closed: bool = _setting(
+        False, "a failure inside the admission code rejects the request instead of admitting it"
+    )
+    admission_max_waiting: int = _setting(
+        256,
+        "most deferrable requests waiting at once per API server; beyond it HTTP 429 with Retry-After",
+        minimum=1,
+        maximum=100_000,
+        fix="use {minimum} to {maximum} requests (default {default}).",
+    )
+    admission_release_per_second: float = _setting(
+        4.0,
+        "pace at which waiting deferrable requests are released, oldest first, once their condition clears",
+        minimum=0.01,
+        maximum=10_000.0,
+        fix="use {minimum} to {maximum} requests per second (default {default}).",
+    )
+    admission_max_body_bytes: int = _setting(
+        8 * 1024 * 1024,
+        "largest request body admission control buffers to forecast (vLLM sets no limit); larger ones pass unforecast",
+        minimum=1024,
+        maximum=1024 * 1024 * 1024,
+        fix="use {minimum} to {maximum} bytes (default {default}).",
+    )
+    request_results_retention_seconds: float = _setting(
+        3600.0,
+        "how long per-request results stay queryable ({minimum} to {maximum})",
+        minimum=60.0,
+        maximum=7 * 86400.0,
+        fix="use {minimum} to {maximum} seconds (7 days; default {default}).",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         environ = os.environ if environ is None else environ
+        names = [declaration.name for declaration in setting_declarations()]
         values: dict[str, Any] = {}
         path = environ.get("LLMCO2_CONFIG")
         if path:
             file_values = _read_file(path)
-            known_names = [f.name for f in fields(cls)]
             for name in file_values:
-                if name not in known_names:
-                    raise SettingsError(_unknown_message(name, known_names, f"config file {path}"))
+                if name not in names:
+                    raise SettingsError(_unknown_message(name, names, f"config file {path}"))
             values.update(file_values)
-        known = {f.name for f in fields(cls)}
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX) or key in INTERNAL_VARIABLES:
                 continue
             name = key[len(ENV_PREFIX) :].lower()
-            if name not in known:
-                raise SettingsError(_unknown_message(key, [ENV_PREFIX + k.upper() for k in known]))
+            if name not in names:
+                raise SettingsError(_unknown_message(key, [ENV_PREFIX + known.upper() for known in names]))
             values[name] = raw
         return cls.from_mapping(values, origin="environment")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], origin: str = "settings") -> "Settings":
-        kwargs: dict[str, Any] = {}
-        for field in fields(cls):
-            if field.name in values:
-                kwargs[field.name] = _convert(field.name, values[field.name], field.type)
-        unknown = set(values) - {f.name for f in fields(cls)}
+        declarations = setting_declarations()
+        kwargs = {d.name: d.parse(values[d.name]) for d in declarations if d.name in values}
+        unknown = set(values) - {d.name for d in declarations}
         if unknown:
-            raise SettingsError(_unknown_message(sorted(unknown)[0], [f.name for f in fields(cls)], origin))
+            raise SettingsError(_unknown_message(sorted(unknown)[0], [d.name for d in declarations], origin))
         settings = cls(**kwargs)
         settings.validate()
         return settings
 
     def validate(self) -> None:
-        """Check values against the catalogs; raise SettingsError with the fix."""
-        from .carbon import UnknownRegionError, lookup_region
-        from .hardware import UnknownGpuError, find_gpu
+        """Check every value against its declaration, then the combinations; raise SettingsError with the fix."""
+        for declaration in setting_declarations():
+            declaration.check_value(getattr(self, declaration.name))
+        self._check_combinations()
 
-        try:
-            find_gpu(self.target_gpu)
-        except UnknownGpuError as error:
-            raise SettingsError(f"LLMCO2_TARGET_GPU={self.target_gpu!r}: {error}") from None
-        if self.grid_intensity is None:
-            try:
-                lookup_region(self.region)
-            except UnknownRegionError as error:
-                raise SettingsError(
-                    f"LLMCO2_REGION={self.region!r}: {error} Or set LLMCO2_GRID_INTENSITY to a value in gCO2e/kWh."
-                ) from None
-        elif not (math.isfinite(self.grid_intensity) and 0 <= self.grid_intensity <= 5000):
-            raise SettingsError(
-                f"LLMCO2_GRID_INTENSITY={self.grid_intensity}: give gCO2e/kWh between 0 and 5000 (world average ~470)."
-            )
-        if not (math.isfinite(self.pue) and 1.0 <= self.pue <= 5.0):
-            raise SettingsError(f"LLMCO2_PUE={self.pue}: power usage effectiveness is a ratio >= 1.0 (e.g. 1.2), at most 5.")
-        if self.worker not in ("process", "thread"):
-            raise SettingsError(
-                f"LLMCO2_WORKER={self.worker!r}: use 'process' (default: accounting off vLLM's engine process) or 'thread'."
-            )
-        if self.queue_capacity < 16:
-            raise SettingsError(f"LLMCO2_QUEUE_CAPACITY={self.queue_capacity}: use at least 16 (default 8192).")
-        if not (0.05 <= self.flush_interval_seconds <= 60):
-            raise SettingsError(
-                f"LLMCO2_FLUSH_INTERVAL_SECONDS={self.flush_interval_seconds}: use 0.05 to 60 seconds (default 0.5)."
-            )
-        if self.max_tracked_requests < 100:
-            raise SettingsError(f"LLMCO2_MAX_TRACKED_REQUESTS={self.max_tracked_requests}: use at least 100.")
-        if self.request_log:
-            parent = os.path.dirname(os.path.abspath(self.request_log))
-            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-                raise SettingsError(
-                    f"LLMCO2_REQUEST_LOG={self.request_log!r}: directory {parent!r} does not exist or is not writable."
-                )
-        if not (0.5 <= self.calibration_window_seconds <= 3600):
-            raise SettingsError(
-                f"LLMCO2_CALIBRATION_WINDOW_SECONDS={self.calibration_window_seconds}: use 0.5 to 3600 seconds "
-                "(NVML energy counters advance every ~100 ms; default 5)."
-            )
-        if not (0.5 <= self.calibration_forgetting <= 1.0):
-            raise SettingsError(
-                f"LLMCO2_CALIBRATION_FORGETTING={self.calibration_forgetting}: use 0.5 to 1.0 "
-                "(1.0 never forgets; default 0.98 remembers ~50 windows)."
-            )
-        if self.calibration_file:
-            from .calibration import CalibrationFileError, OnlineCalibrator
-
-            parent = os.path.dirname(os.path.abspath(self.calibration_file))
-            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-                raise SettingsError(
-                    f"LLMCO2_CALIBRATION_FILE={self.calibration_file!r}: directory {parent!r} does not exist or is not writable."
-                )
-            try:
-                OnlineCalibrator.load(self.calibration_file)
-            except CalibrationFileError as error:
-                raise SettingsError(f"LLMCO2_CALIBRATION_FILE: {error}") from None
-        if self.predictor not in ("analytic", "gnn") and ":" not in self.predictor:
-            raise SettingsError(
-                f"LLMCO2_PREDICTOR={self.predictor!r}: use 'analytic', 'gnn' or an import path 'package.module:Class'."
-            )
-        self._validate_grid_intensity_source()
-        self._validate_embodied()
-        self._validate_admission()
-
-    def embodied(self) -> "EmbodiedCarbon":
+    def embodied(self) -> EmbodiedCarbon:
         """Embodied carbon in force: the user's kg per GPU, else the bundled default, over the set lifetime."""
-        from dataclasses import replace
-
-        from .carbon import EmbodiedCarbon, default_embodied_carbon
-
         if self.embodied_kg_per_gpu is None:
             default = default_embodied_carbon()
             if self.hardware_lifetime_years == default.lifetime_years:
@@ -180,26 +366,15 @@ class Settings:
             return replace(default, lifetime_years=self.hardware_lifetime_years)
         return EmbodiedCarbon(self.embodied_kg_per_gpu, self.hardware_lifetime_years, "user setting")
 
-    def _validate_grid_intensity_source(self) -> None:
-        if self.grid_intensity_file:
-            from .grid_intensity import TimeSeriesIntensity
-
-            if not os.path.isfile(self.grid_intensity_file):
-                raise SettingsError(
-                    f"LLMCO2_GRID_INTENSITY_FILE={self.grid_intensity_file!r}: no such file. Point it at a CSV "
-                    "(timestamp,grams_co2e_per_kwh) or JSON time series, or unset it."
-                )
+    def _check_combinations(self) -> None:
+        if self.grid_intensity is None:  # a value of one's own makes the region a label only
             try:
-                TimeSeriesIntensity(self.grid_intensity_file).close()
-            except ValueError as error:
-                raise SettingsError(f"LLMCO2_GRID_INTENSITY_FILE: {error}") from None
-        if self.grid_intensity_url:
-            parsed = urllib.parse.urlparse(self.grid_intensity_url)
-            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                lookup_region(self.region)
+            except UnknownRegionError as error:
                 raise SettingsError(
-                    f"LLMCO2_GRID_INTENSITY_URL={self.grid_intensity_url!r}: give the http(s) base URL of the "
-                    "Electricity Maps API v3, e.g. https://api.electricitymaps.com/v3."
-                )
+                    f"LLMCO2_REGION={self.region!r}: {error} Or set LLMCO2_GRID_INTENSITY to a value in gCO2e/kWh."
+                ) from None
+        if self.grid_intensity_url:
             zone = self.grid_intensity_zone or self.region
             if zone.strip().upper() in ("WORLD", "EU"):
                 raise SettingsError(
@@ -216,54 +391,149 @@ class Settings:
                 f"LLMCO2_GRID_INTENSITY_ZONE={self.grid_intensity_zone!r} has no effect without "
                 "LLMCO2_GRID_INTENSITY_URL or LLMCO2_GRID_INTENSITY_FILE: set one of them, or use LLMCO2_REGION."
             )
-        if not (10 <= self.grid_intensity_refresh_seconds <= 86400):
-            raise SettingsError(
-                f"LLMCO2_GRID_INTENSITY_REFRESH_SECONDS={self.grid_intensity_refresh_seconds}: use 10 to 86400 seconds "
-                "(default 300; free API tiers allow tens of requests per hour)."
-            )
-        if not (0.1 <= self.grid_intensity_timeout_seconds <= 60):
-            raise SettingsError(
-                f"LLMCO2_GRID_INTENSITY_TIMEOUT_SECONDS={self.grid_intensity_timeout_seconds}: use 0.1 to 60 seconds (default 5)."
-            )
 
-    def _validate_embodied(self) -> None:
-        kg = self.embodied_kg_per_gpu
-        if kg is not None and not (math.isfinite(kg) and 0 <= kg <= 10000):
-            raise SettingsError(
-                f"LLMCO2_EMBODIED_KG_PER_GPU={kg}: give kgCO2e per GPU including its share of the server, 0 to 10000 "
-                "(bundled default 463 = 1/8 of an 8-GPU node; 0 switches embodied carbon off; unset for the default)."
-            )
-        if not (0.5 <= self.hardware_lifetime_years <= 15):
-            raise SettingsError(
-                f"LLMCO2_HARDWARE_LIFETIME_YEARS={self.hardware_lifetime_years}: use 0.5 to 15 years (default 4)."
-            )
 
-    def _validate_admission(self) -> None:
-        for variable, value, fix in (
-            ("LLMCO2_ADMISSION_MAX_REQUEST_GRAMS", self.admission_max_request_grams, "gCO2e per request"),
-            ("LLMCO2_ADMISSION_BUDGET_GRAMS", self.admission_budget_grams, "gCO2e per budget window"),
+@dataclass(frozen=True)
+class SettingDeclaration:
+    """One setting as declared on ``Settings``: what it accepts and what the README says of it."""
+
+    name: str
+    value_type: type  # bool, int, float or str
+    optional: bool  # None (unset) is a value
+    default: Any
+    doc: str
+    minimum: float | None
+    maximum: float | None
+    choices: tuple[str, ...]
+    check: Callable[[Any], None] | None
+    fix: str
+    secret: bool
+
+    @property
+    def variable(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def fix_text(self) -> str:
+        return self._fill(self.fix)
+
+    @property
+    def doc_text(self) -> str:
+        return self._fill(self.doc)
+
+    def parse(self, raw: Any) -> Any:
+        """The value of ``raw`` (env text or TOML value) as this setting's type."""
+        try:
+            if self.optional and raw in (None, ""):
+                return None
+            if self.value_type is bool:
+                if isinstance(raw, bool):
+                    return raw
+                text = str(raw).strip().lower()
+                if text in ("1", "true", "yes", "on"):
+                    return True
+                if text in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            return self.value_type(raw)
+        except (TypeError, ValueError):
+            expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(self.value_type, "text")
+            raise SettingsError(f"{self.variable}={self._shown(raw)}: expected {expected}.") from None
+
+    def check_value(self, value: Any) -> None:
+        """Raise SettingsError with the fix when ``value`` is outside the range or choices, or fails ``check``."""
+        if value is None and self.optional:
+            return
+        if self.value_type in (int, float) and not (
+            math.isfinite(value)
+            and (self.minimum is None or value >= self.minimum)
+            and (self.maximum is None or value <= self.maximum)
         ):
-            if not (math.isfinite(value) and value >= 0):
-                raise SettingsError(f"{variable}={value}: give {fix} >= 0 (0 switches it off).")
-        if not (1 <= self.admission_budget_window_seconds <= 2592000):
-            raise SettingsError(
-                f"LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS={self.admission_budget_window_seconds}: use 1 to 2592000 "
-                "seconds (30 days; default 3600)."
+            raise SettingsError(f"{self.variable}={value}: {self.fix_text}")
+        if self.choices and value not in self.choices:
+            raise SettingsError(f"{self.variable}={self._shown(value)}: {self.fix_text}")
+        if self.check is not None:
+            try:
+                self.check(value)
+            except ValueError as error:
+                raise SettingsError(f"{self.variable}={self._shown(value)}: {error}") from None
+
+    def default_text(self) -> str:
+        """The default as the README shows it."""
+        if self.default is None or self.default == "":
+            return "unset"
+        if isinstance(self.default, bool):
+            return f"`{str(self.default).lower()}`"
+        if isinstance(self.default, (int, float)):
+            return f"`{_number(self.default)}`"
+        return f"`{self.default}`"
+
+    def _fill(self, text: str) -> str:
+        numeric_default = self.value_type in (int, float) and self.default is not None
+        return text.format(
+            minimum=_number(self.minimum),
+            maximum=_number(self.maximum),
+            default=_number(self.default) if numeric_default else self.default,
+        )
+
+    def _shown(self, value: Any) -> str:
+        return "'<hidden>'" if self.secret else repr(value)
+
+
+@cache
+def setting_declarations() -> tuple[SettingDeclaration, ...]:
+    """Every setting, in the order of ``Settings``' fields (and of the README table)."""
+    hints = typing.get_type_hints(Settings)
+    declarations = []
+    for field in fields(Settings):
+        rule: _Rule = field.metadata[_RULE_KEY]
+        annotation = hints[field.name]
+        members = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        value_types = [member for member in members if member is not type(None)]
+        if len(value_types) != 1 or value_types[0] not in (bool, int, float, str):
+            raise TypeError(f"setting {field.name}: type {annotation} is not bool, int, float or str (or that | None)")
+        declarations.append(
+            SettingDeclaration(
+                name=field.name,
+                value_type=value_types[0],
+                optional=len(members) > 1,
+                default=field.default,
+                doc=rule.doc,
+                minimum=rule.minimum,
+                maximum=rule.maximum,
+                choices=rule.choices,
+                check=rule.check,
+                fix=rule.fix,
+                secret=rule.secret,
             )
-        if not (math.isfinite(self.admission_defer_above_intensity) and 0 <= self.admission_defer_above_intensity <= 5000):
-            raise SettingsError(
-                f"LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY={self.admission_defer_above_intensity}: give gCO2e/kWh between "
-                "0 and 5000 (0 switches deferral off; world average ~470)."
-            )
-        if not (0 <= self.admission_max_defer_seconds <= 86400):
-            raise SettingsError(
-                f"LLMCO2_ADMISSION_MAX_DEFER_SECONDS={self.admission_max_defer_seconds}: use 0 to 86400 seconds (default 600)."
-            )
-        if not (60 <= self.request_results_retention_seconds <= 604800):
-            raise SettingsError(
-                f"LLMCO2_REQUEST_RESULTS_RETENTION_SECONDS={self.request_results_retention_seconds}: use 60 to 604800 "
-                "seconds (7 days; default 3600)."
-            )
+        )
+    return tuple(declarations)
+
+
+def settings_table_markdown() -> str:
+    """The README's settings table (markdown, one row per setting), generated from the declarations."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for declaration in setting_declarations():
+        meaning = declaration.doc_text.replace("|", "\\|")
+        lines.append(f"| `{declaration.variable}` | {declaration.default_text()} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def with_settings_table(readme: str) -> str:
+    """``readme`` with the text between the settings-table markers replaced by the generated table."""
+    pattern = re.compile(re.escape(TABLE_START) + r"\n.*?" + re.escape(TABLE_END), re.DOTALL)
+    if len(pattern.findall(readme)) != 1:
+        raise ValueError(f"expected one {TABLE_START} ... {TABLE_END} block")
+    return pattern.sub(lambda _: f"{TABLE_START}\n{settings_table_markdown()}{TABLE_END}", readme)
+
+
+def _number(value: float | None) -> str:
+    """A bound or default as people write it: ``5``, ``0.05``, ``2592000`` (never ``5.0`` or ``2.592e+06``)."""
+    if value is None:
+        return ""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -274,35 +544,33 @@ def _read_file(path: str) -> dict[str, Any]:
         raise SettingsError(f"LLMCO2_CONFIG={path!r}: no such file. Point it at a TOML file or unset it.") from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(f"LLMCO2_CONFIG={path!r} is not valid TOML: {error}") from None
-    return dict(data.get("llmco2", data))
-
-
-def _convert(name: str, raw: Any, annotation: Any) -> Any:
-    kind = str(annotation)
-    variable = ENV_PREFIX + name.upper()
-    try:
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind.startswith("float | None"):
-            return None if raw in (None, "") else float(raw)
-        return str(raw)
-    except (TypeError, ValueError):
-        expected = {"bool": "true or false", "int": "a whole number", "float": "a number"}.get(kind, "a number")
-        raise SettingsError(f"{variable}={raw!r}: expected {expected}.") from None
+    table = data.get("llmco2", data)
+    if not isinstance(table, dict):
+        raise SettingsError(f"LLMCO2_CONFIG={path!r}: 'llmco2' must be a table, [llmco2], holding the settings.")
+    return dict(table)
 
 
 def _unknown_message(name: str, known: list[str], origin: str = "environment") -> str:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {close[0]}?" if close else ""
     return f"Unknown llmco2 setting {name!r} in {origin}.{hint} Known settings: {', '.join(sorted(known))}."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmco2_vllm.settings", description="The settings table, generated from the declarations."
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--markdown", action="store_true", help="print the table")
+    action.add_argument("--update-readme", metavar="README", type=Path, help="rewrite the table between its markers")
+    arguments = parser.parse_args(argv)
+    if arguments.markdown:
+        print(settings_table_markdown(), end="")
+        return 0
+    readme: Path = arguments.update_readme
+    readme.write_text(with_settings_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight Llama written once per test session."""
+"""Shared fixtures: a tiny random-weight Llama written once per test session; NVML-free energy-meter state."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from llmco2_vllm.local_server import CPU_ENVIRONMENT
-from llmco2_vllm.tiny_model import make_tiny_llama
+from llmco2_vllm.dev.local_server import CPU_ENVIRONMENT
+from llmco2_vllm.dev.tiny_model import make_tiny_llama
 
 for _key, _value in CPU_ENVIRONMENT.items():
     os.environ.setdefault(_key, _value)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -21,21 +19,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Exposition text -> {(sample name, sorted labels): value}, via prometheus_client's parser."""
-    from prometheus_client.parser import text_string_to_metric_families
+@pytest.fixture
+def isolated_energy_meter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every GPU visible (no CUDA_VISIBLE_DEVICES) and the meter's log-once memory empty, for one test."""
+    from llmco2_vllm.measure import energy_meter
 
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric_sum(samples: dict, name: str, **labels: str) -> float:
-    """Sum of all samples called ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for (sample_name, sample_labels), value in samples.items():
-        if sample_name == name and all(dict(sample_labels).get(k) == v for k, v in labels.items()):
-            total += value
-    return total
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(energy_meter, "_LOGGED_MESSAGES", set())

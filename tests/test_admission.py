@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+import types
+
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
-from llmco2_vllm import baselines
-from llmco2_vllm.admission import ADMITTED, DEFERRED, REJECTED, AdmissionLimits, decide, parse_deferrable
-from llmco2_vllm.forecast import ANALYTIC_RATIO_RANGE, RequestForecaster, estimate_output_tokens
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.measurements import load_measurements
-from llmco2_vllm.model_description import load_model
-from llmco2_vllm.predictor import AnalyticPredictor
-from llmco2_vllm.request_results import RequestActual, RequestResultStore, client_request_id
-from llmco2_vllm.vllm_endpoints import RequestShapeError, request_shape
+from llmco2_vllm.carbon.intensity import GridIntensity
+from llmco2_vllm.carbon.static import StaticIntensity
+from llmco2_vllm.plugin.http_endpoints import AdmissionMiddleware
+from llmco2_vllm.predict import baselines
+from llmco2_vllm.predict.forecast import (
+    ANALYTIC_RATIO_RANGE,
+    ForecastLearner,
+    ForecastOutcome,
+    RequestForecaster,
+    estimate_output_tokens,
+)
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.measurements import load_measurements
+from llmco2_vllm.predict.model_description import load_model
+from llmco2_vllm.predict.predictor import AnalyticPredictor
+from llmco2_vllm.serve.admission import ADMITTED, DEFERRED, REJECTED, AdmissionLimits, decide, parse_deferrable
+from llmco2_vllm.serve.carbon_service import CarbonService
+from llmco2_vllm.serve.request_parsing import RequestShapeError, request_shape
+from llmco2_vllm.serve.request_record import FinishedRequest, client_request_id
+from llmco2_vllm.serve.results_store import RequestResultStore
+from llmco2_vllm.settings import Settings
 
 LIMITS = AdmissionLimits(max_request_grams=1.0, budget_grams=10.0, budget_window_seconds=60.0, defer_above_intensity=300.0)
 
@@ -63,8 +81,12 @@ def test_client_request_id_from_vllm_engine_ids():
     assert client_request_id("cmpl-my-id-7-0-deadbeef") == "cmpl-my-id-7"
 
 
-def _actual(engine_id: str, decode_tokens: int, grams: float, at: float) -> RequestActual:
-    return RequestActual(engine_id, 10, 2, decode_tokens, decode_tokens + 1, 1.0, 2.0, 3.3, grams, grams / 10, at)
+def _actual(engine_id: str, decode_tokens: int, grams: float, at: float) -> FinishedRequest:
+    return FinishedRequest(
+        engine_id, prefill_tokens=8, cached_tokens=2, decode_tokens=decode_tokens, steps=decode_tokens + 1,
+        prefill_energy_j=1.0, decode_energy_j=2.0, calibrated_prefill_energy_j=1.1, calibrated_decode_energy_j=2.2,
+        operational_grams=grams, embodied_grams=grams / 10, finished_at=at,
+    )
 
 
 def test_store_sums_fanned_out_parts_and_budget_spend(tmp_path):
@@ -80,6 +102,7 @@ def test_store_sums_fanned_out_parts_and_budget_spend(tmp_path):
     assert result["status"] == "finished"
     assert result["actual"]["output_tokens"] == 3 + 4 + 2  # the first token of each part comes from prefill
     assert result["actual"]["energy_j"] == pytest.approx(6.0)
+    assert result["actual"]["prompt_tokens"] == 2 * 10 and result["actual"]["calibrated_energy_j"] == pytest.approx(6.6)
     assert result["actual"]["grams_co2e"] == pytest.approx(2.2)
     assert store.spent_grams(since=0) == pytest.approx(2.2)
     assert store.spent_grams(since=1000.5) == 0.0
@@ -146,3 +169,230 @@ def test_request_shape_reads_openai_bodies_and_rejects_bad_ones():
     ):
         with pytest.raises(RequestShapeError, match=message):
             request_shape(bad, False, None, 256)
+
+
+# -- forecasts a client can trust -------------------------------------------------------------------
+def _outcome(max_tokens: int, output: int, raw: float, actual: float, low: float = 0.0, high: float = 0.0) -> ForecastOutcome:
+    return ForecastOutcome(max_tokens, output, 100, 0, raw, raw, low or raw, high or raw, actual)
+
+
+def test_point_is_the_median_inside_its_interval_in_every_regime():
+    forecaster = _forecaster()
+    always_to_the_limit = [(200, 200)] * 40  # the README bug: learned low == expected, then x1.04 put low above the point
+    stopping_early = [(n, 200) for n in range(5, 200, 5)]
+    learners = [
+        None,
+        ForecastLearner([_outcome(200, 200, 10.0, 10.0 * r) for r in np.linspace(1.1, 1.6, 40)]),  # all above 1
+        ForecastLearner([_outcome(200, 200, 10.0, 10.0 * r) for r in np.linspace(0.3, 0.5, 40)]),  # all below 1
+    ]
+    for history in ([], always_to_the_limit, stopping_early):
+        for learner in learners:
+            for relative_error in (None, 0.0, 0.05, 3.0):
+                for running, parts in ((0, 1), (15, 1), (3, 4)):
+                    forecast = forecaster.forecast(
+                        500, 200, 400.0, parts=parts, running_requests=running, recent_outputs=history,
+                        relative_error=relative_error, learner=learner,
+                    )
+                    assert forecast.energy_j_low <= forecast.energy_j <= forecast.energy_j_high
+                    assert forecast.grams_co2e_low <= forecast.grams_co2e <= forecast.grams_co2e_high
+    learned_at_limit = forecaster.forecast(500, 200, 400.0, recent_outputs=always_to_the_limit)
+    assert learned_at_limit.output_tokens.low == learned_at_limit.output_tokens.expected == 200
+    assert learned_at_limit.energy_j_low == learned_at_limit.energy_j < learned_at_limit.energy_j_high
+    assert learned_at_limit.output_tokens.stopped_early_share == 0.0
+
+
+def test_interval_from_outcomes_covers_80_percent_and_point_is_their_median():
+    forecaster = _forecaster()
+    rng = np.random.default_rng(7)
+    ratios = rng.lognormal(np.log(0.6), 0.3, 400)  # actuals 0.6x the raw forecast, spread like a real workload
+    raw = forecaster.forecast(500, 200, 400.0).raw_energy_j
+    learner = ForecastLearner([_outcome(200, 200, raw, raw * r) for r in ratios[:200]])
+    forecast = forecaster.forecast(500, 200, 400.0, learner=learner)
+    assert forecast.correction is not None and forecast.correction.samples == 200
+    assert forecast.energy_j == pytest.approx(raw * np.median(ratios[:200]))
+    inside = np.mean([(forecast.energy_j_low <= raw * r <= forecast.energy_j_high) for r in ratios[200:]])
+    assert 0.7 <= inside <= 0.9  # held-out actuals: an honest 80 % interval
+    assert forecast.energy_j_high / forecast.energy_j_low < 3.0  # and not a 300x-wide one
+
+
+def test_learner_measures_error_and_coverage_and_bands_by_max_tokens():
+    short = [_outcome(16, 16, 1.0, 2.0, low=1.5, high=2.5) for _ in range(20)]  # forecast 2x too low, inside
+    long = [_outcome(512, 400, 10.0, 5.0, low=11.0, high=30.0) for _ in range(20)]  # 2x too high, outside
+    learner = ForecastLearner(short + long)
+    assert learner.correction(16, 1.0).ratio == pytest.approx(2.0) and learner.correction(16, 1.0).band == "length band 5, batch band 0"
+    assert learner.correction(600, 1.0).ratio == pytest.approx(0.5)  # 512-1023: the same band as 512
+    assert learner.correction(4000, 1.0).band == "batch band 0"  # a length band without outcomes: its batch band
+    assert learner.correction(16, 8.0) is None  # learned at another batch: the prior, not a stale correction
+    assert learner.error_ratio == pytest.approx(0.75)  # |1/2 - 1| and |2 - 1|: median of 0.5s and 1s
+    assert learner.interval_coverage == pytest.approx(0.5)
+    assert ForecastLearner(short[:5]).correction(16, 1.0) is None  # too few outcomes: the prior stays
+
+
+def test_service_learns_from_finished_requests_in_a_real_store(tmp_path):
+    store = RequestResultStore.in_directory(tmp_path)
+    ticks = iter(range(0, 10**6, 10))  # every read of the clock is 10 s later: caches always refresh
+    service = CarbonService(Settings(), _forecaster(), store, _static(400.0), "llama", 4096, clock=lambda: float(next(ticks)))
+    rng = np.random.default_rng(3)
+
+    async def one(index: int, max_tokens: int) -> tuple[dict, float]:
+        body = {"prompt_tokens": 300, "max_tokens": max_tokens}
+        shape, forecast = await service.shape_and_forecast(body, chat=False)
+        decision, _ = await service.admit(forecast, 0.0)
+        await service.record_forecast(f"cmpl-{index}", shape, forecast, decision)
+        output = int(rng.integers(max_tokens // 4, max_tokens + 1))  # some stop early
+        # The server really shares ~16-wide batches: each token costs about a third of the lone forecast.
+        actual = forecast.raw_energy_j * (0.2 + 0.8 * output / forecast.output_tokens.expected) / 3 * rng.lognormal(0, 0.1)
+        split = actual / 2
+        store.record_actuals([
+            FinishedRequest(
+                f"cmpl-{index}-0-1a2b3c4d", 290, 10, output - 1, output, split, split, split, split,
+                operational_grams=actual * 1e-4, embodied_grams=0.0, finished_at=1000.0 + index,
+            )
+        ])
+        return store.get(f"cmpl-{index}"), actual
+
+    async def workload() -> list[tuple[dict, float]]:
+        return [await one(i, 128) for i in range(120)]
+
+    results = asyncio.run(workload())
+    first, actual_first = results[0]
+    assert first["forecast"]["correction_samples"] == 0 and first["forecast"]["energy_j"] > 2 * actual_first
+    late = results[60:]
+    ratios = [r["forecast"]["energy_j"] / actual for r, actual in late]
+    assert 0.85 <= float(np.median(ratios)) <= 1.15
+    inside = np.mean([r["forecast"]["energy_j_low"] <= actual <= r["forecast"]["energy_j_high"] for r, actual in late])
+    assert inside >= 0.7
+    assert all(r["forecast"]["energy_j_low"] <= r["forecast"]["energy_j"] <= r["forecast"]["energy_j_high"] for r, _ in results)
+    assert late[-1][0]["forecast"]["output_tokens_source"] == "learned"
+    assert late[-1][0]["forecast"]["cached_share"] == pytest.approx(10 / 300)
+    # The result keeps the forecast beside the actual, and the metrics say how good forecasts are.
+    assert late[-1][0]["actual"]["calibrated_energy_j"] == pytest.approx(late[-1][1])
+    labels = {"model_name": service.metrics.model_name}
+    assert 0.0 < REGISTRY.get_sample_value("llmco2_forecast_error_ratio", labels) < 0.5
+    assert 0.5 < REGISTRY.get_sample_value("llmco2_forecast_interval_coverage_ratio", labels) <= 1.0
+
+
+# -- admission under abuse -------------------------------------------------------------------------
+class SwitchableIntensity:
+    """A grid that turns clean when the test says so."""
+
+    def __init__(self, grams_per_kwh: float) -> None:
+        self.grams_per_kwh = grams_per_kwh
+
+    def current(self) -> GridIntensity:
+        return GridIntensity(self.grams_per_kwh, "static", "average", None, "test")
+
+    age_seconds = 0.0
+    errors = 0
+
+    def close(self) -> None:
+        pass
+
+
+def _static(grams_per_kwh: float) -> StaticIntensity:
+    return StaticIntensity(GridIntensity(grams_per_kwh, "static", "average", None, "user setting"))
+
+
+def _deferring_service(tmp_path, grid, **settings) -> CarbonService:
+    configured = Settings(admission_defer_above_intensity=300.0, **settings)
+    return CarbonService(configured, _forecaster(), RequestResultStore.in_directory(tmp_path), grid, "llama", 4096)
+
+
+def _released(service: CarbonService, reason: str) -> float:
+    return REGISTRY.get_sample_value(
+        "llmco2_admission_released_requests_total", {"model_name": service.metrics.model_name, "reason": reason}
+    )
+
+
+def test_waiting_cap_rejects_beyond_it_with_retry_after_and_the_rest_run_at_their_deadline(tmp_path):
+    service = _deferring_service(tmp_path, _static(500.0), admission_max_waiting=3)
+    forecast = service.forecaster.forecast(100, 16, 500.0)
+    deadline_before = _released(service, "deadline_reached")
+
+    async def scenario():
+        return await asyncio.gather(*(service.admit(forecast, 0.6) for _ in range(5)))
+
+    decisions = [decision for decision, _ in asyncio.run(scenario())]
+    rejected = [d for d in decisions if d.decision == REJECTED]
+    assert len(rejected) == 2 and all(d.policy == "waiting_cap" and d.retry_after_seconds >= 1 for d in rejected)
+    admitted = [d for d in decisions if d.decision == ADMITTED]
+    assert len(admitted) == 3 and all(d.reason == "deadline reached" and d.numbers["waited_seconds"] >= 0.59 for d in admitted)
+    assert _released(service, "deadline_reached") - deadline_before == 3
+    assert len(service.waiting_line) == 0
+
+
+def test_released_requests_are_paced_oldest_first(tmp_path):
+    grid = SwitchableIntensity(500.0)
+    service = _deferring_service(tmp_path, grid, admission_release_per_second=10.0)
+    forecast = service.forecaster.forecast(100, 16, 500.0)
+    released_at: list[tuple[int, float]] = []
+
+    async def parked(index: int) -> None:
+        decision, _ = await service.admit(forecast, 60.0)
+        assert decision.decision == ADMITTED and decision.reason == "condition cleared"
+        released_at.append((index, time.monotonic()))
+
+    async def scenario() -> None:
+        tasks = []
+        for index in range(6):
+            tasks.append(asyncio.create_task(parked(index)))
+            await asyncio.sleep(0.01)  # arrival order
+        await asyncio.sleep(0.2)
+        assert len(service.waiting_line) == 6 and not released_at
+        grid.grams_per_kwh = 100.0  # the grid turns clean
+        await asyncio.wait_for(asyncio.gather(*tasks), 10.0)
+
+    asyncio.run(scenario())
+    assert [index for index, _ in released_at] == list(range(6))  # oldest first
+    gaps = np.diff([at for _, at in released_at])
+    assert gaps.min() >= 0.09  # one every 0.1 s, not all at once
+    assert gaps.sum() < 1.5
+
+
+def test_middleware_bounds_the_body_it_buffers(tmp_path):
+    service = CarbonService(
+        Settings(admission_max_body_bytes=1024), _forecaster(), RequestResultStore.in_directory(tmp_path),
+        _static(400.0), "llama", 4096,
+    )
+    received: list[bytes] = []
+
+    async def vllm_app(scope, receive, send) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        received.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = types.SimpleNamespace(state=types.SimpleNamespace(llmco2=service))
+    middleware = AdmissionMiddleware(vllm_app)
+
+    async def post(chunks: list[bytes]) -> list[dict]:
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        pending = iter(messages)
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return next(pending, {"type": "http.disconnect"})
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/completions", "method": "POST", "headers": [], "app": app}
+        await middleware(scope, receive, send)
+        return sent
+
+    def headers(sent: list[dict]) -> dict[bytes, bytes]:
+        return dict(sent[0]["headers"])
+
+    small = json.dumps({"prompt": "hello", "max_tokens": 8}).encode()
+    big = json.dumps({"prompt": "x" * 3000, "max_tokens": 8}).encode()
+    labels = {"model_name": service.metrics.model_name, "reason": "body_too_large"}
+    too_large_before = REGISTRY.get_sample_value("llmco2_admission_unforecast_requests_total", labels)
+    assert b"x-llmco2-forecast-energy-j" in headers(asyncio.run(post([small[:10], small[10:]])))
+    sent = asyncio.run(post([big[:700], big[700:1400], big[1400:]]))
+    assert b"x-llmco2-forecast-energy-j" not in headers(sent)  # passed on unforecast
+    assert received == [small, big]  # the whole body reached vLLM, streamed on past the bound
+    assert REGISTRY.get_sample_value("llmco2_admission_unforecast_requests_total", labels) - too_large_before == 1

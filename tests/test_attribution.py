@@ -7,11 +7,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llmco2_vllm.attribution import RequestEnergy, RequestLedger, split_step_energy
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.model_description import ModelDescription
-from llmco2_vllm.predictor import AnalyticPredictor, StepPrediction
-from llmco2_vllm.step_shape import StepShape
+from llmco2_vllm.accounting.attribution import RequestEnergy, RequestLedger, split_step_energy
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import ModelDescription
+from llmco2_vllm.predict.predictor import AnalyticPredictor, StepPrediction
+from llmco2_vllm.predict.step_shape import StepShape
 
 LLAMA_31_8B: dict[str, Any] = {
     "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
@@ -157,3 +157,89 @@ def test_ledger_bounded_evicts_oldest_and_counts() -> None:
     assert ledger.evicted == 3
     assert ledger.finish("r3") is None
     assert ledger.finish("r4") is not None
+
+
+class ReferenceLedger:
+    """The ledger's rules one request at a time (a dict of running totals)."""
+
+    def __init__(self, max_requests: int) -> None:
+        self.max_requests, self.running, self.evicted = max_requests, {}, 0
+
+    def entry(self, request_id: str) -> RequestEnergy:
+        if request_id not in self.running:
+            if len(self.running) >= self.max_requests:
+                self.running.pop(next(iter(self.running)))
+                self.evicted += 1
+            self.running[request_id] = RequestEnergy(request_id)
+        return self.running[request_id]
+
+    def add_step(self, step: StepShape, prefill_j, decode_j, prefill_scale, decode_scale, grams_per_joule, embodied_g) -> None:
+        step_j = float(prefill_j.sum() + decode_j.sum())
+        embodied_per_joule = embodied_g / step_j if step_j > 0 else 0.0
+        for i, request_id in enumerate(step.request_ids):
+            entry = self.entry(request_id)
+            p, d = float(prefill_j[i]), float(decode_j[i])
+            entry.prefill_energy_j += p
+            entry.decode_energy_j += d
+            entry.calibrated_prefill_energy_j += p * prefill_scale
+            entry.calibrated_decode_energy_j += d * decode_scale
+            entry.operational_grams += (p * prefill_scale + d * decode_scale) * grams_per_joule
+            entry.embodied_grams += (p + d) * embodied_per_joule
+            entry.prefill_tokens += int(step.prefill_tokens[i])
+            entry.decode_tokens += int(step.decode_tokens[i])
+            entry.steps += 1
+
+
+def assert_same_energy(got: RequestEnergy | None, want: RequestEnergy | None) -> None:
+    assert (got is None) == (want is None)
+    if got is None or want is None:
+        return
+    assert (got.request_id, got.prefill_tokens, got.cached_tokens, got.decode_tokens, got.steps) == (
+        want.request_id, want.prefill_tokens, want.cached_tokens, want.decode_tokens, want.steps,
+    )
+    for name in ("prefill_energy_j", "decode_energy_j", "calibrated_prefill_energy_j", "calibrated_decode_energy_j",
+                 "operational_grams", "embodied_grams"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-12, abs=1e-300), name
+        assert type(getattr(got, name)) is float
+    assert all(type(getattr(got, name)) is int for name in ("prefill_tokens", "cached_tokens", "decode_tokens", "steps"))
+
+
+@pytest.mark.parametrize("max_requests", [5, 40, 100_000])
+def test_array_ledger_equals_the_per_request_rules(max_requests: int) -> None:
+    """Random steps, cached tokens and finishes, with and without eviction, requests listed twice."""
+    rng = np.random.default_rng(max_requests)
+    ledger, reference = RequestLedger(max_requests), ReferenceLedger(max_requests)
+    pool = [f"req-{i}" for i in range(60)]
+    for _ in range(300):
+        n = int(rng.integers(0, 30))
+        ids = [pool[int(i)] for i in rng.integers(0, len(pool), n)]
+        if n and rng.random() < 0.7:
+            ids = list(dict.fromkeys(ids))  # mostly unique, as vLLM's steps are
+        step = StepShape.from_requests([(i, int(rng.integers(0, 500)), int(rng.integers(0, 3)), 0) for i in ids])
+        prefill_j, decode_j = rng.random(len(ids)) * (rng.random(len(ids)) < 0.7), rng.random(len(ids))
+        factors = (float(rng.uniform(0.5, 2)), float(rng.uniform(0.5, 2)), float(rng.uniform(0, 1e-3)), float(rng.uniform(0, 0.1)))
+        if rng.random() < 0.2:
+            request_id = pool[int(rng.integers(0, len(pool)))]
+            tokens = int(rng.integers(1, 100))
+            ledger.add_cached_tokens(request_id, tokens)
+            reference.entry(request_id).cached_tokens += tokens
+        ledger.add_step(step, prefill_j, decode_j, *factors)
+        reference.add_step(step, prefill_j, decode_j, *factors)
+        for request_id in [pool[int(i)] for i in rng.integers(0, len(pool), int(rng.integers(0, 4)))]:
+            assert_same_energy(ledger.finish(request_id), reference.running.pop(request_id, None))
+        assert len(ledger) == len(reference.running) and ledger.evicted == reference.evicted
+    if max_requests < len(pool):
+        assert ledger.evicted > 0
+    for request_id in pool:
+        assert_same_energy(ledger.finish(request_id), reference.running.pop(request_id, None))
+    assert len(ledger) == 0
+
+
+def test_ledger_keeps_a_nan_energy_out_of_the_token_counts() -> None:
+    ledger = RequestLedger()
+    step = StepShape.from_requests([("a", 10, 0, 0), ("b", 0, 1, 5)])
+    ledger.add_step(step, np.array([np.nan, 0.0]), np.array([0.0, 2.0]), 1.5, 2.0, 0.1, 1.0)
+    a, b = ledger.finish("a"), ledger.finish("b")
+    assert a is not None and b is not None
+    assert np.isnan(a.prefill_energy_j) and a.decode_energy_j == 0.0 and (a.prefill_tokens, a.steps) == (10, 1)
+    assert b.decode_energy_j == 2.0 and b.calibrated_decode_energy_j == 4.0 and (b.decode_tokens, b.steps) == (1, 1)

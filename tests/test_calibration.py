@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmco2_vllm.calibration import (
+from llmco2_vllm.predict.calibration import (
     CalibrationFileError,
     OnlineCalibrator,
     fit_offline,

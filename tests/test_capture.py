@@ -13,13 +13,14 @@ from typing import Iterable
 
 import numpy as np
 import pytest
-
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
-from llmco2_vllm import capture
-from llmco2_vllm.capture import StepRecord, StepRecorder, StepShapeBuilder
-
+from llmco2_vllm.accounting.step_contract import CompactStep
+from llmco2_vllm.accounting.step_shapes import StepShapeBuilder
+from llmco2_vllm.plugin import scheduler_hook
+from llmco2_vllm.plugin.scheduler_hook import StepRecord, StepRecorder, compact_step
+from llmco2_vllm.predict.step_shape import StepShape
 
 # ---- builders of real vLLM objects -------------------------------------------------------------
 
@@ -69,10 +70,10 @@ def sched_out(
     )
 
 
-def record(output: SchedulerOutput, engine_outputs=None, wall: float = 0.01) -> capture.CompactStep:
+def record(output: SchedulerOutput, engine_outputs=None, wall: float = 0.01) -> CompactStep:
     """A step as the worker receives it: compacted from vLLM's real objects, through a pickle round trip."""
     raw = StepRecord(output, engine_outputs or {}, started=0.0, finished=wall, wall_seconds=wall)
-    return pickle.loads(pickle.dumps(capture.compact_step(raw)))
+    return pickle.loads(pickle.dumps(compact_step(raw)))
 
 
 def rows(step) -> dict[str, tuple[int, int, int, int]]:
@@ -210,8 +211,8 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    # Replace only the module reference capture.py uses, not the global time module.
-    monkeypatch.setattr(capture, "time", fake)
+    # Replace only the module reference scheduler_hook.py uses, not the global time module.
+    monkeypatch.setattr(scheduler_hook, "time", fake)
     return fake
 
 
@@ -278,3 +279,119 @@ def test_builder_output_is_a_valid_step_shape() -> None:
     step = builder.build(record(sched_out([new_req("A", 3)], cached([]), {"A": 3})))
     for name in ("prefill_tokens", "decode_tokens", "context_tokens", "spec_tokens"):
         assert getattr(step.shape, name).dtype == np.int64
+    # The builder skips StepShape's checks (StepShape.unchecked): the checked constructor accepts it.
+    shape = step.shape
+    checked = StepShape(shape.request_ids, shape.prefill_tokens, shape.decode_tokens, shape.context_tokens,
+                        shape.spec_tokens, shape.wall_seconds)
+    assert (checked.request_ids, checked.wall_seconds) == (shape.request_ids, shape.wall_seconds)
+    for name in ("prefill_tokens", "decode_tokens", "context_tokens", "spec_tokens"):
+        np.testing.assert_array_equal(getattr(checked, name), getattr(shape, name))
+
+
+# ---- the array builder against the per-request rules it implements ---------------------------------
+
+class ReferenceBuilder:
+    """The classification rules one request at a time, as ``StepShapeBuilder`` documents them."""
+
+    def __init__(self) -> None:
+        self.prompts: dict[str, int] = {}
+
+    def build(self, step: CompactStep) -> tuple[list[tuple[str, int, int, int, int]], dict[str, int], list[str]]:
+        rows, cached = [], {}
+
+        def add(request_id: str, context: int, prompt: int | None, has_output: bool) -> None:
+            count = step.scheduled.get(request_id, 0)
+            if count <= 0:
+                return
+            if prompt is None:
+                prefill = 0 if has_output else count
+            else:
+                prefill = min(count, max(0, prompt - context))
+            rows.append((request_id, prefill, count - prefill, context, step.spec_tokens.get(request_id, 0)))
+
+        for request_id, prompt, computed in step.new_requests:
+            self.prompts[request_id] = prompt
+            if computed:
+                cached[request_id] = computed
+            add(request_id, computed, prompt, False)
+        outputs = step.running_output_tokens
+        for i, request_id in enumerate(step.running_ids):
+            add(request_id, step.running_computed[i], self.prompts.get(request_id), bool(outputs[i]) if outputs else False)
+        for request_id in step.finished_ids:
+            self.prompts.pop(request_id, None)
+        return rows, cached, list(step.finished_ids)
+
+
+def random_steps(rng: np.random.Generator, count: int):
+    """A stream of steps: prefix-cache hits, chunked prefill, decode with speculative tokens,
+    requests listed but not scheduled, requests whose first step was never seen, finishes."""
+    running: dict[str, list[int]] = {}  # id -> [prompt, computed, outputs]
+    serial = 0
+    for _ in range(count):
+        new, scheduled, spec = [], {}, {}
+        for _ in range(int(rng.integers(0, 4))):
+            serial += 1
+            request_id, prompt = f"n{serial}", int(rng.integers(1, 3000))
+            computed = int(rng.integers(0, prompt)) if rng.random() < 0.3 else 0
+            new.append((request_id, prompt, computed))
+            scheduled[request_id] = int(rng.integers(1, prompt - computed + 1))
+            running[request_id] = [prompt, computed, 0]
+        if rng.random() < 0.2:  # joined before the plugin saw it: prompt unknown, maybe with outputs
+            serial += 1
+            running[f"u{serial}"] = [-1, int(rng.integers(0, 5000)), int(rng.integers(0, 3))]
+        new_ids = {request[0] for request in new}
+        running_ids = [request_id for request_id in running if request_id not in new_ids]
+        for request_id in running_ids:
+            prompt, computed, outputs = running[request_id]
+            if rng.random() < 0.05:
+                continue  # listed, nothing scheduled
+            remaining = prompt - computed
+            if remaining > 0:
+                scheduled[request_id] = int(rng.integers(1, remaining + 1)) + (int(rng.integers(0, 3)) if rng.random() < 0.2 else 0)
+            else:
+                scheduled[request_id] = 1 + (int(rng.integers(0, 4)) if rng.random() < 0.2 else 0)
+                if scheduled[request_id] > 1:
+                    spec[request_id] = scheduled[request_id] - 1
+        step = CompactStep(
+            new,
+            running_ids,
+            [running[i][1] for i in running_ids],
+            None if rng.random() < 0.1 else [running[i][2] for i in running_ids],
+            scheduled,
+            spec,
+            [],
+            0.0,
+            float(rng.random()),
+        )
+        for request_id, tokens in scheduled.items():
+            running[request_id][1] += tokens
+            running[request_id][2] += 1 if running[request_id][1] >= running[request_id][0] else 0
+        finished = [i for i in running if rng.random() < 0.08]
+        for request_id in finished:
+            del running[request_id]
+        yield step._replace(finished_ids=finished)
+
+
+def test_array_builder_equals_the_per_request_rules_on_random_steps() -> None:
+    rng = np.random.default_rng(99)
+    builder, reference = StepShapeBuilder(), ReferenceBuilder()
+    kinds = {"prefill": 0, "decode": 0, "both": 0, "unknown": 0, "skipped": 0, "spec": 0}
+    for step in random_steps(rng, 400):
+        built = builder.build(step)
+        rows, cached, finished = reference.build(step)
+        shape = built.shape
+        assert shape.request_ids == tuple(row[0] for row in rows)
+        for column, name in enumerate(("prefill_tokens", "decode_tokens", "context_tokens", "spec_tokens"), start=1):
+            array = getattr(shape, name)
+            assert array.dtype == np.int64 and array.shape == (len(rows),)
+            assert array.tolist() == [row[column] for row in rows], name
+        assert built.cached_tokens == cached and built.finished_request_ids == finished
+        assert shape.wall_seconds == step.wall_seconds
+        assert len(builder) == len(reference.prompts)
+        kinds["prefill"] += sum(1 for row in rows if row[1] and not row[2])
+        kinds["decode"] += sum(1 for row in rows if row[2] and not row[1])
+        kinds["both"] += sum(1 for row in rows if row[1] and row[2])
+        kinds["spec"] += sum(1 for row in rows if row[4])
+        kinds["unknown"] += sum(1 for i in step.running_ids if i not in reference.prompts and i.startswith("u"))
+        kinds["skipped"] += sum(1 for i in step.running_ids if i not in step.scheduled)
+    assert all(count > 10 for count in kinds.values()), kinds

@@ -1,4 +1,4 @@
-"""Tests for the static grid-intensity table and operational carbon arithmetic."""
+"""The static grid-intensity table, operational carbon arithmetic, and embodied carbon."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from llmco2_vllm.carbon import (
-    EmbodiedCarbon,
+from llmco2_vllm.carbon.embodied import EmbodiedCarbon, default_embodied_carbon, embodied_grams_co2e
+from llmco2_vllm.carbon.intensity import (
     GridIntensity,
     UnknownRegionError,
-    default_embodied_carbon,
-    embodied_grams_co2e,
     lookup_region,
     operational_grams_co2e,
     region_table,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llmco2_vllm.carbon import lookup_region
+from llmco2_vllm.carbon.intensity import lookup_region
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

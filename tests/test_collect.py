@@ -1,4 +1,4 @@
-"""``llmco2_vllm.collect``: CPU dry run, KV-cache correctness of the reference transformer, layer scaling."""
+"""``llmco2_vllm.measure.collect``: CPU dry run, KV-cache correctness of the reference transformer, layer scaling."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmco2_vllm import collect as collect_module  # noqa: E402
-from llmco2_vllm.collect import (  # noqa: E402
+from llmco2_vllm.measure import collect as collect_module  # noqa: E402
+from llmco2_vllm.measure.collect import (  # noqa: E402
     CSV_COLUMNS,
     CollectConfig,
     SweepShape,
@@ -26,7 +28,7 @@ from llmco2_vllm.collect import (  # noqa: E402
     quick_shapes,
     scale_to_full_model,
 )
-from llmco2_vllm.model_description import ModelDescription  # noqa: E402
+from llmco2_vllm.predict.model_description import ModelDescription  # noqa: E402
 
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -94,6 +96,26 @@ def test_dry_run_defaults_to_the_tiny_model_and_vllm_engine_is_refused(tmp_path:
     assert main(["--engine", "vllm", "--device", "cpu", "--dry-run", "--out", str(tmp_path / "b.csv")]) == 2
     assert main(["--device", "cpu", "--out", str(tmp_path / "c.csv")]) == 2  # --model needed without --dry-run
     assert "not implemented" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs_the_dry_run(tmp_path: Path) -> None:
+    # benchmarks/gpu_collect.sh starts collections as `python -m llmco2_vllm.measure.collect`
+    out = tmp_path / "module.csv"
+    done = subprocess.run([sys.executable, "-m", "llmco2_vllm.measure.collect", "--device", "cpu", "--dry-run",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    columns, rows = _read_csv(out)
+    assert columns == list(CSV_COLUMNS) and len(rows) == len(dry_run_shapes())
+    assert f"wrote {len(rows)} rows to {out}" in done.stderr
+
+
+def test_cli_parser_and_collect_package_import_neither_torch_nor_pynvml() -> None:
+    # `llmco2 --help` builds the collect subparser: it must work where torch and pynvml are absent
+    probe = ("import sys; import llmco2_vllm.cli as cli; cli.build_parser(); import llmco2_vllm.measure.collect; "
+             "print(sorted(m for m in ('torch', 'pynvml') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 # --- reference transformer: the KV cache is real --------------------------------------------
@@ -292,7 +314,7 @@ def test_scale_to_full_model_rule() -> None:
 def test_quick_preset_and_memory_plan() -> None:
     shapes = quick_shapes()
     assert sum(s.phase == "prefill" for s in shapes) == 6 and sum(s.phase == "decode" for s in shapes) == 8
-    from llmco2_vllm.model_description import load_model
+    from llmco2_vllm.predict.model_description import load_model
 
     llama8b = load_model("meta-llama/Llama-3.1-8B-Instruct")
     assert plan_num_layers(llama8b, shapes, free_bytes=79e9) == 32  # fits an H100 whole

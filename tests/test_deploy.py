@@ -29,8 +29,9 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, parse_metrics
-from llmco2_vllm.local_server import LocalVllmServer, free_port
+from llmco2_vllm.dev.local_server import LocalVllmServer, free_port
+from llmco2_vllm.dev.prometheus_text import parse_metrics
+from tests.support import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 DASHBOARD_PATH = DEPLOY / "grafana" / "llmco2-dashboard.json"
@@ -398,6 +399,7 @@ def explain_missing(expr: str, metrics_text: str) -> str:
     return f" (the server does not export {sorted(missing)})" if missing else ""
 
 
+@pytest.mark.server
 @needs_prometheus
 def test_variables_resolve_to_the_servers_labels(stack):
     variables = stack["variables"]
@@ -407,6 +409,7 @@ def test_variables_resolve_to_the_servers_labels(stack):
     assert variables["source"] == "calibrated"
 
 
+@pytest.mark.server
 @needs_prometheus
 @pytest.mark.parametrize("key", [key for key, _ in dashboard_targets()])
 def test_dashboard_query_returns_data(stack, key):
@@ -421,6 +424,7 @@ def test_dashboard_query_returns_data(stack, key):
         assert any(sample_is_finite(sample) for sample in result), f"only NaN/Inf: {expr} -> {result}"
 
 
+@pytest.mark.server
 @needs_prometheus
 @pytest.mark.parametrize("record", [rule["record"] for rule in recording_rules()])
 def test_recording_rule_returns_data(stack, record):
@@ -436,6 +440,7 @@ def test_recording_rule_returns_data(stack, record):
         assert {sample["metric"]["region"] for sample in result} == {"WORLD"}  # LLMCO2_REGION's default
 
 
+@pytest.mark.server
 @needs_prometheus
 def test_every_rule_evaluates_without_error(stack):
     loaded = [rule for group in stack["rules"] for rule in group["rules"]]
@@ -446,6 +451,7 @@ def test_every_rule_evaluates_without_error(stack):
     assert [rule["name"] for rule in loaded if rule.get("state") not in (None, "inactive")] == []
 
 
+@pytest.mark.server
 @needs_prometheus
 def test_dashboard_and_rules_use_only_exported_metrics(stack):
     exported = exported_metric_names(stack["metrics_text"])

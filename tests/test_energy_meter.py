@@ -8,112 +8,14 @@ import time
 
 import pytest
 
-from llmco2_vllm import energy_meter
-from llmco2_vllm.energy_meter import MIG_NOTE, EnergyMeter, Measurement
+from llmco2_vllm.measure.energy_meter import MIG_NOTE, EnergyMeter, Measurement
+from tests.support.fake_nvml import FakeGpu, FakeMigDevice, FakeNvml, FakeNVMLError
 
-
-class FakeNVMLError(Exception):
-    """Stands in for pynvml.NVMLError: the error code is in ``.value``."""
-
-    def __init__(self, value: int) -> None:
-        super().__init__(f"NVML error {value}")
-        self.value = value
-
-
-class FakeGpu:
-    """One GPU (also its NVML handle). Tests script it by assigning the attributes."""
-
-    def __init__(self, name: str = "NVIDIA H100 80GB HBM3", uuid: str = "GPU-0000") -> None:
-        self.name = name
-        self.uuid = uuid
-        self.counter_mj = 0
-        self.counter_error: int | None = None  # raise this NVML code on counter reads
-        self.power_mw = 0
-        self.power_error: int | None = None
-        self.mig_mode = 0
-        self.mig_devices: list[FakeMigDevice] = []
-        self.counter_reads = 0
-
-
-class FakeMigDevice:
-    def __init__(self, uuid: str, parent: FakeGpu) -> None:
-        self.uuid = uuid
-        self.parent = parent
-
-
-class FakeNvml:
-    """The slice of pynvml the meter (and hardware._visible_handles) uses."""
-
-    NVML_ERROR_NOT_SUPPORTED = 3
-    NVML_ERROR_GPU_IS_LOST = 15
-    NVML_ERROR_UNKNOWN = 999
-    NVML_DEVICE_MIG_ENABLE = 1
-    NVMLError = FakeNVMLError
-
-    def __init__(self, gpus: list[FakeGpu], init_error: Exception | None = None) -> None:
-        self.gpus = gpus
-        self.init_error = init_error
-        self.init_calls = 0
-        self.shutdown_calls = 0
-
-    def nvmlInit(self) -> None:
-        if self.init_error is not None:
-            raise self.init_error
-        self.init_calls += 1
-
-    def nvmlShutdown(self) -> None:
-        self.shutdown_calls += 1
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
-        return self.gpus[index]
-
-    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeGpu:
-        return next(gpu for gpu in self.gpus if gpu.uuid == uuid)
-
-    def nvmlDeviceGetIndex(self, handle: FakeGpu) -> int:
-        return self.gpus.index(handle)
-
-    def nvmlDeviceGetUUID(self, handle: FakeGpu | FakeMigDevice) -> str:
-        return handle.uuid
-
-    def nvmlDeviceGetName(self, handle: FakeGpu) -> bytes:
-        return handle.name.encode()  # older pynvml returns bytes
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGpu) -> int:
-        handle.counter_reads += 1
-        if handle.counter_error is not None:
-            raise FakeNVMLError(handle.counter_error)
-        return handle.counter_mj
-
-    def nvmlDeviceGetPowerUsage(self, handle: FakeGpu) -> int:
-        if handle.power_error is not None:
-            raise FakeNVMLError(handle.power_error)
-        return handle.power_mw
-
-    def nvmlDeviceGetMigMode(self, handle: FakeGpu) -> list[int]:
-        return [handle.mig_mode, handle.mig_mode]  # [current, pending]
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeGpu) -> int:
-        return len(handle.mig_devices)
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeGpu, index: int) -> FakeMigDevice:
-        return handle.mig_devices[index]
-
-    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, mig: FakeMigDevice) -> FakeGpu:
-        return mig.parent
+pytestmark = pytest.mark.usefixtures("isolated_energy_meter")
 
 
 def make_gpus(count: int) -> list[FakeGpu]:
     return [FakeGpu(uuid=f"GPU-{i:04d}-abcd") for i in range(count)]
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(energy_meter, "_LOGGED_MESSAGES", set())  # each test sees its own log-once
 
 
 def test_counter_energy_is_sum_of_deltas_over_two_gpus() -> None:

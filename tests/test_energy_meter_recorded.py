@@ -5,7 +5,7 @@
 2 s idle -> 4 s of bf16 matrix products -> 2 s idle, and wrote every poll to
 ``benchmarks/results/h200_2026-11-27/nvml_trace.csv`` (summary: ``nvml_probe.json``).
 
-Here a fake ``pynvml`` (``FakeNvml`` from ``test_energy_meter``) answers each read with the last
+Here a fake ``pynvml`` (``FakeNvml`` from ``tests/support/fake_nvml.py``) answers each read with the last
 recorded row at or before a replay clock that the test moves, and the meter's own clock is that
 same replay clock, so windows open and close at exact recorded instants. Expectations come from
 the recording itself (counter differences, phase boundaries, update cadence), not from constants.
@@ -31,10 +31,12 @@ from functools import lru_cache
 
 import pytest
 
-from conftest import REPO_ROOT
-from llmco2_vllm import energy_meter
-from llmco2_vllm.energy_meter import EnergyMeter
-from test_energy_meter import FakeGpu, FakeNvml, _clean_environment  # noqa: F401  (autouse fixture, applies here too)
+from llmco2_vllm.measure import energy_meter
+from llmco2_vllm.measure.energy_meter import EnergyMeter
+from tests.support import REPO_ROOT
+from tests.support.fake_nvml import FakeGpu, FakeNvml
+
+pytestmark = pytest.mark.usefixtures("isolated_energy_meter")
 
 RECORDING = REPO_ROOT / "benchmarks" / "results" / "h200_2026-11-27"
 PHASES = ("idle_before", "busy", "idle_after")

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("torch_geometric")
 pytest.importorskip("matplotlib")
 
-from llmco2_vllm import baselines  # noqa: E402
 from llmco2_vllm.cli import main  # noqa: E402
-from llmco2_vllm.measurements import load_measurements  # noqa: E402
+from llmco2_vllm.predict import baselines  # noqa: E402
+from llmco2_vllm.predict.measurements import load_measurements  # noqa: E402
 
 
 def test_eval_help_needs_no_torch() -> None:
@@ -47,7 +47,7 @@ def test_eval_quick_writes_report_and_plots(tmp_path, capsys) -> None:
         assert f"| {gpu} | gnn (leave-GPU-out) |" in report
     # a fold whose test rows run on a GPU absent from its training rows (every leave-GPU-out fold, and a
     # family whose rows are the only ones on some GPU) chooses the unseen-hardware scale by an inner CV
-    from llmco2_vllm.measurements import model_family
+    from llmco2_vllm.predict.measurements import model_family
 
     gpus = {r["gpu"] for r in rows}
     families = {model_family(r["model"]) for r in rows}

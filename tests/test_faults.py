@@ -14,18 +14,16 @@ import concurrent.futures
 import json
 import logging
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, metric_sum, parse_metrics
-from llmco2_vllm.local_server import LocalVllmServer
-from test_energy_meter import FakeGpu, FakeNvml
-from test_vllm_serve import LONG_PROMPT, assert_reconciles, prompt_tokens_accounted, send_workload, wait_for_requests, wait_until
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from llmco2_vllm.dev.local_server import LocalVllmServer
+from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+from llmco2_vllm.dev.step_simulator import MODEL_ID, StepSimulator, analytic_engine_pipeline
+from llmco2_vllm.plugin.scheduler_hook import StepRecorder, compact_step
+from tests.support.fake_nvml import FakeGpu, FakeNvml
+from tests.support.served_workload import LONG_PROMPT, assert_reconciles, wait_for_requests
 
 
 def plugin_error_lines(log_text: str) -> list[str]:
@@ -35,6 +33,7 @@ def plugin_error_lines(log_text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Real vllm serve
 # --------------------------------------------------------------------------------------------
+@pytest.mark.server
 def test_burst_of_500_concurrent_requests(tiny_model_dir, tmp_path):
     """500 requests at once: all served, every counter exact, nothing dropped or evicted, no error."""
     log = tmp_path / "serve.log"
@@ -55,6 +54,7 @@ def test_burst_of_500_concurrent_requests(tiny_model_dir, tmp_path):
     assert plugin_error_lines(log.read_text(errors="replace")) == []
 
 
+@pytest.mark.server
 def test_unwritable_metrics_directory_keeps_serving(tiny_model_dir, tmp_path):
     """The run directory cannot be created (its parent is a file): vLLM serves, the plugin logs once.
 
@@ -95,19 +95,17 @@ def send_workload_small(server: LocalVllmServer) -> None:
 # The engine pipeline with real vLLM scheduler outputs (NVML cannot exist here: a scripted fake)
 # --------------------------------------------------------------------------------------------
 def _pipeline_with_meter(meter):
-    from step_recording import make_pipeline
+    from llmco2_vllm.accounting.energy_windows import WindowAccountant
 
-    pipeline = make_pipeline("nvml-fault")
-    from llmco2_vllm.energy_windows import WindowAccountant
+    pipeline = analytic_engine_pipeline("nvml-fault")
 
     pipeline.windows = WindowAccountant(meter, pipeline.calibrator, 100.0, window_seconds=3600.0)
     return pipeline
 
 
 def test_nvml_failing_mid_run_is_counted_once_logged_once_and_not_double_counted(caplog, monkeypatch):
-    from llmco2_vllm import energy_meter
-    from llmco2_vllm.energy_meter import EnergyMeter
-    from step_recording import MODEL_ID, StepSimulator
+    from llmco2_vllm.measure import energy_meter
+    from llmco2_vllm.measure.energy_meter import EnergyMeter
 
     monkeypatch.setattr(energy_meter, "_LOGGED_MESSAGES", set())
     gpu = FakeGpu()
@@ -118,10 +116,10 @@ def test_nvml_failing_mid_run_is_counted_once_logged_once_and_not_double_counted
     sim = StepSimulator(8, random.Random(3), "n")
 
     def run_steps(count: int) -> None:
+        recorder = StepRecorder(capacity=count)
         for _ in range(count):
-            pipeline.recorder.record(sim.step(), {}, time.perf_counter())
-        while pipeline.process_pending():
-            pass
+            recorder.record(sim.step(), {}, time.perf_counter())
+        pipeline.process_steps([compact_step(record) for record in recorder.drain()])
 
     def value(name: str, **extra: str) -> float:
         return pipeline.registry.get_sample_value(name, {**labels, **extra}) or 0.0
@@ -174,9 +172,7 @@ def test_nvml_failing_mid_run_is_counted_once_logged_once_and_not_double_counted
 def test_unexpected_failure_in_the_worker_is_counted_and_the_worker_survives(caplog):
     """A part of step processing without its own guard raises: before this was fixed, the worker thread died,
     every metric froze and the capture queue filled up."""
-    from step_recording import MODEL_ID, StepSimulator, make_pipeline
-
-    pipeline = make_pipeline("worker-fault")
+    pipeline = analytic_engine_pipeline("worker-fault")
     labels = {"model_name": MODEL_ID, "engine": "worker-fault"}
 
     def broken_finish(request_id):
@@ -184,15 +180,14 @@ def test_unexpected_failure_in_the_worker_is_counted_and_the_worker_survives(cap
 
     pipeline.ledger.finish = broken_finish
     sim = StepSimulator(8, random.Random(5), "w")
+    recorder = StepRecorder(capacity=50)
     with caplog.at_level(logging.ERROR, logger="llmco2_vllm"):
-        pipeline.start()
-        try:
-            for _ in range(50):
-                pipeline.recorder.record(sim.step(), {}, time.perf_counter())
-            assert pipeline.wait_idle(timeout=30)
-            assert pipeline._thread is not None and pipeline._thread.is_alive()
-        finally:
-            pipeline.stop()
+        for _ in range(50):
+            recorder.record(sim.step(), {}, time.perf_counter())
+        for record in recorder.drain():  # one by one, as the worker's reader loop does: it must survive each
+            pipeline.process_steps([compact_step(record)])
+            pipeline.tick()
+        pipeline.close()
     assert pipeline.steps_processed == 50
     assert pipeline.registry.get_sample_value("llmco2_steps_total", labels) == 50
     assert pipeline.registry.get_sample_value("llmco2_plugin_errors_total", {**labels, "stage": "attribute"}) > 0
@@ -212,14 +207,15 @@ def vllm_config(tiny_model_dir):
 
 
 def test_unknown_gpu_name_from_nvml_predicts_for_the_configured_target(vllm_config, monkeypatch, caplog):
-    from llmco2_vllm import hardware
-    from llmco2_vllm.vllm_plugin import build_engine_pipeline
+    from llmco2_vllm.measure import gpu_detection
+    from llmco2_vllm.plugin.entry_points import start_accounting
 
-    monkeypatch.setattr(hardware, "detect_gpus", lambda pynvml_module=None: ["NVIDIA Hypothetical X900"])
+    monkeypatch.setattr(gpu_detection, "detect_gpus", lambda pynvml_module=None: ["NVIDIA Hypothetical X900"])
     monkeypatch.setenv("LLMCO2_MEASURE_ENERGY", "false")
+    monkeypatch.setenv("LLMCO2_PREDICTOR", "analytic")  # the hardware fallback is the point, not the GNN table
     monkeypatch.delenv("LLMCO2_RUN_DIR", raising=False)
     with caplog.at_level(logging.WARNING, logger="llmco2_vllm"):
-        pipeline = build_engine_pipeline(vllm_config)
+        pipeline = start_accounting(vllm_config)
     try:
         info = parse_metrics(pipeline.report()["metrics"])  # from the worker process
         target = [dict(labels) for name, labels in info if name == "llmco2_target_info"]
@@ -232,7 +228,8 @@ def test_unknown_gpu_name_from_nvml_predicts_for_the_configured_target(vllm_conf
 
 def test_architecture_the_plugin_cannot_describe_leaves_vllm_untouched(vllm_config, monkeypatch, caplog):
     """A recurrent/hybrid model: the plugin logs why once and steps pass through unchanged."""
-    from llmco2_vllm.vllm_plugin import capturing_scheduler
+    from llmco2_vllm.plugin.entry_points import start_accounting
+    from llmco2_vllm.plugin.scheduler_hook import capturing_scheduler
 
     class Scheduler:
         def __init__(self, vllm_config) -> None:
@@ -251,7 +248,7 @@ def test_architecture_the_plugin_cannot_describe_leaves_vllm_untouched(vllm_conf
 
     monkeypatch.setattr(vllm_config.model_config.hf_text_config, "hybrid_override_pattern", "M*M*", raising=False)
     with caplog.at_level(logging.WARNING, logger="llmco2_vllm"):
-        scheduler = capturing_scheduler(Scheduler)(vllm_config)
+        scheduler = capturing_scheduler(Scheduler, start_accounting)(vllm_config)
         for _ in range(3):
             assert scheduler.update_from_output(scheduler.schedule(), None) == {"step": scheduler.steps}
         scheduler.shutdown()
@@ -269,11 +266,11 @@ def test_gnn_checkpoint_damage_degrades_to_analytic_with_one_warning(tmp_path, d
     pytest.importorskip("torch_geometric")
     import warnings
 
-    from llmco2_vllm.gnn import GnnPredictor, default_checkpoint_path
-    from llmco2_vllm.hardware import Hardware, find_gpu
-    from llmco2_vllm.model_description import load_model
-    from llmco2_vllm.predictor import AnalyticPredictor
-    from llmco2_vllm.step_shape import StepShape
+    from llmco2_vllm.predict.gnn.model import GnnPredictor, default_checkpoint_path
+    from llmco2_vllm.predict.hardware import Hardware, find_gpu
+    from llmco2_vllm.predict.model_description import load_model
+    from llmco2_vllm.predict.predictor import AnalyticPredictor
+    from llmco2_vllm.predict.step_shape import StepShape
 
     shipped = default_checkpoint_path()
     path = tmp_path / "gnn.safetensors"

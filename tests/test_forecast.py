@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llmco2_vllm.forecast import forecast_static_batch
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.model_description import load_model
-from llmco2_vllm.predictor import AnalyticPredictor
-from llmco2_vllm.step_shape import StepShape
+from llmco2_vllm.predict.forecast import forecast_static_batch
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import load_model
+from llmco2_vllm.predict.predictor import AnalyticPredictor
+from llmco2_vllm.predict.step_shape import StepShape
 
 
 def step_by_step(predictor: AnalyticPredictor, batch: int, prompt: int, output: int) -> tuple[float, float, float]:

@@ -12,15 +12,21 @@ import torch
 
 pytest.importorskip("torch_geometric")
 
-from llmco2_vllm.gnn import GnnEnsemble, GnnPredictor, default_checkpoint_path  # noqa: E402
-from llmco2_vllm.hardware import Hardware, find_gpu  # noqa: E402
-from llmco2_vllm.model_description import ModelDescription, load_model  # noqa: E402
-from llmco2_vllm.operator_graph import (  # noqa: E402
-    EDGE_LAYER_LOOP, EDGE_RESIDUAL, GRAPH_FEATURES, NODE_FEATURES, StepGraphBuilder, UnsupportedGraphError,
-    build_step_graph, check_supported,
+from llmco2_vllm.predict.gnn.graph import (  # noqa: E402
+    EDGE_LAYER_LOOP,
+    EDGE_RESIDUAL,
+    GRAPH_FEATURES,
+    NODE_FEATURES,
+    StepGraphBuilder,
+    UnsupportedGraphError,
+    build_step_graph,
+    check_supported,
 )
-from llmco2_vllm.predictor import StepPredictor  # noqa: E402
-from llmco2_vllm.step_shape import StepShape  # noqa: E402
+from llmco2_vllm.predict.gnn.model import GnnEnsemble, GnnPredictor, default_checkpoint_path  # noqa: E402
+from llmco2_vllm.predict.hardware import Hardware, find_gpu  # noqa: E402
+from llmco2_vllm.predict.model_description import load_model  # noqa: E402
+from llmco2_vllm.predict.predictor import StepPredictor  # noqa: E402
+from llmco2_vllm.predict.step_shape import StepShape  # noqa: E402
 
 
 def hardware(tp: int = 1, gpu: str = "H100-SXM5-80GB") -> Hardware:
@@ -121,7 +127,7 @@ def test_unsupported_architecture_is_declared_and_predictor_falls_back() -> None
     with pytest.warns(RuntimeWarning, match="falling back to the analytic"):
         predictor = GnnPredictor(unsupported, hardware(8), checkpoint=GnnEnsemble(1))
     assert predictor.is_fallback
-    from llmco2_vllm.predictor import AnalyticPredictor
+    from llmco2_vllm.predict.predictor import AnalyticPredictor
 
     got = predictor.predict_step(MIXED)
     want = AnalyticPredictor(unsupported, hardware(8)).predict_step(MIXED)
@@ -163,7 +169,7 @@ def test_gnn_predictor_contract() -> None:
         warnings.simplefilter("error")  # a supported model must not fall back
         predictor = GnnPredictor(model, hw, checkpoint=checkpoint)
     assert isinstance(predictor, StepPredictor) and predictor.name == "gnn" and not predictor.is_fallback
-    from llmco2_vllm.predictor import AnalyticPredictor
+    from llmco2_vllm.predict.predictor import AnalyticPredictor
 
     analytic = AnalyticPredictor(model, hw).predict_step(MIXED)
     pred, low, high = predictor.predict_step_interval(MIXED)
@@ -180,13 +186,14 @@ def test_gnn_predictor_contract() -> None:
 
 def test_load_predictor_gnn_degrades_to_analytic_with_one_warning() -> None:
     """An architecture the graph builder rejects: load_predictor("gnn") still works, warns once, predicts analytically."""
-    from llmco2_vllm.predictor import AnalyticPredictor, load_predictor
+    from llmco2_vllm.predict.deployment import Deployment
+    from llmco2_vllm.predict.predictor import AnalyticPredictor, load_predictor
 
     unsupported = dataclasses.replace(load_model(MLA_MOE_SHARED), sliding_window=4096, num_sliding_window_layers=4)
     steps = (MIXED, StepShape.static_batch_decode(8, 1000), StepShape.static_batch_prefill(2, 512))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predictor = load_predictor("gnn", unsupported, hardware(8))
+        predictor = load_predictor("gnn", Deployment("unsupported", unsupported, hardware(8)))
         got = [predictor.predict_step(step) for step in steps]
     fallback_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(fallback_warnings) == 1, [str(w.message) for w in caught]
@@ -210,18 +217,19 @@ def test_step_failure_after_start_falls_back_per_step_with_one_warning() -> None
     predictor.builder.build = broken_build
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first, second = predictor.predict_step(MIXED), predictor.predict_step(StepShape.static_batch_decode(2, 64))
+        first = predictor.predict_step(MIXED)
+        predictor.predict_step(StepShape.static_batch_decode(2, 64))
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
     assert predictor.fallback_steps == 2 and "injected" in predictor.fallback_reason
-    from llmco2_vllm.predictor import AnalyticPredictor
+    from llmco2_vllm.predict.predictor import AnalyticPredictor
 
     assert first.energy_j == AnalyticPredictor(load_model(DENSE_GQA), hardware(1)).predict_step(MIXED).energy_j
     assert first.energy_j != healthy.energy_j  # the perturbed GNN did change the healthy prediction
 
 
 def test_distilled_table_matches_gnn_on_its_grid_and_fast_path_tracks_full_forecast() -> None:
-    from llmco2_vllm.forecast import forecast_static_batch
-    from llmco2_vllm.gnn import DISTIL_BATCH_SIZES, DISTIL_DECODE_CONTEXTS, DISTIL_PREFILL_TOKENS
+    from llmco2_vllm.predict.forecast import forecast_static_batch
+    from llmco2_vllm.predict.gnn.model import DISTIL_BATCH_SIZES, DISTIL_DECODE_CONTEXTS, DISTIL_PREFILL_TOKENS
 
     predictor = GnnPredictor(load_model(DENSE_GQA), hardware(1), checkpoint=_perturbed_ensemble(2))
     table = predictor.distilled
@@ -252,7 +260,7 @@ def test_fast_path_of_a_fallback_predictor_is_the_analytic_closed_form() -> None
 
 
 def test_unseen_hardware_shrinks_the_correction_and_widens_the_interval(tmp_path) -> None:
-    from llmco2_vllm.gnn import hardware_signature
+    from llmco2_vllm.predict.gnn.model import hardware_signature
 
     ensemble = _perturbed_ensemble(2)
     ensemble.training_hardware = [hardware_signature(find_gpu("H100-SXM5-80GB"))]

@@ -9,24 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from llmco2_vllm.carbon import GridIntensity, lookup_region
-from llmco2_vllm.grid_intensity import (
-    ElectricityMapsIntensity,
+from llmco2_vllm.carbon.electricity_maps import ElectricityMapsIntensity
+from llmco2_vllm.carbon.intensity import GridIntensity, lookup_region
+from llmco2_vllm.carbon.providers import (
     IntensityProvider,
-    StaticIntensity,
-    TimeSeriesIntensity,
+    IntensitySourceError,
     build_intensity_provider,
+    check_intensity_sources,
 )
+from llmco2_vllm.carbon.static import StaticIntensity
+from llmco2_vllm.carbon.time_series_file import TimeSeriesIntensity
 from llmco2_vllm.settings import Settings
+from tests.support.electricity_maps_server import FakeElectricityMaps
 
 API_KEY = "test-key-5f3a9c"
 FALLBACK = GridIntensity(470.0, "static", "average", None, "user setting")
@@ -221,67 +222,10 @@ def test_reload_check_is_rate_limited(tmp_path: Path) -> None:
 # --- live: Electricity Maps v3 against a local server --------------------------------------------
 
 
-class FakeElectricityMaps:
-    """State shared with the handler: what to answer, and what was asked."""
-
-    def __init__(self) -> None:
-        self.mode = "ok"
-        self.value: object = 322
-        self.requests: list[tuple[str, str | None]] = []  # (path, auth-token header)
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-
-
-def _handler_for(state: FakeElectricityMaps) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            with state.lock:
-                state.requests.append((self.path, self.headers.get("auth-token")))
-                mode, value = state.mode, state.value
-            if mode == "hang":
-                state.release.wait(5.0)
-                return
-            if mode in ("401", "500"):
-                self._send(int(mode), b"Invalid auth-token" if mode == "401" else b"oops", "text/plain")
-                return
-            if mode == "bad_json":
-                self._send(200, b"<html>not json", "application/json")
-                return
-            body: dict[str, object] = {
-                "zone": "DE", "datetime": "2024-05-01T12:00:00.000Z", "updatedAt": "2024-05-01T12:03:00.000Z",
-                "emissionFactorType": "lifecycle", "isEstimated": False, "temporalGranularity": "hourly",
-            }
-            if mode != "missing":
-                body["carbonIntensity"] = value
-            self._send(200, json.dumps(body).encode(), "application/json")
-
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    return Handler
-
-
 @pytest.fixture
 def fake_api() -> Iterator[tuple[FakeElectricityMaps, str]]:
-    state = FakeElectricityMaps()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state, f"http://127.0.0.1:{server.server_address[1]}/v3"
-    finally:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with FakeElectricityMaps() as state:
+        yield state, state.url
 
 
 def live(base_url: str, **kwargs: float) -> ElectricityMapsIntensity:
@@ -467,3 +411,45 @@ def test_build_precedence(tmp_path: Path, fake_api: tuple[FakeElectricityMaps, s
     ))
     assert isinstance(from_file, TimeSeriesIntensity)
     assert (from_file.current().grams_co2e_per_kwh, from_file.current().region) == (42.0, "DE")
+
+
+# --- start-up check of the file the settings name (settings hold values only) ----------------------
+
+
+def test_start_up_check_of_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    settings = Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_FILE": str(missing)})  # a value: accepted
+    with pytest.raises(IntensitySourceError) as info:
+        check_intensity_sources(settings)
+    message = str(info.value)
+    assert "LLMCO2_GRID_INTENSITY_FILE" in message and str(missing) in message and "no such file" in message
+    assert "unset it" in message  # the fix
+    with pytest.raises(IntensitySourceError, match="no such file"):
+        build_intensity_provider(settings)
+
+
+def test_start_up_check_parses_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,grams_co2e_per_kwh\n2024-05-01T00:00:00Z,120\nnot-a-time,3\n")
+    settings = Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_FILE": str(bad)})
+    with pytest.raises(IntensitySourceError) as info:
+        check_intensity_sources(settings)
+    message = str(info.value)
+    assert message.startswith("LLMCO2_GRID_INTENSITY_FILE:")
+    assert str(bad) in message and "line 3" in message and "ISO-8601" in message
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(IntensitySourceError, match="line 3"):
+        build_intensity_provider(settings)
+
+
+def test_start_up_check_passes_good_sources_without_calling_the_api(
+    tmp_path: Path, fake_api: tuple[FakeElectricityMaps, str]
+) -> None:
+    state, base_url = fake_api
+    series = tmp_path / "series.csv"
+    series.write_text("timestamp,grams_co2e_per_kwh\n1700000000,42\n")
+    check_intensity_sources(Settings(grid_intensity_file=str(series)))
+    check_intensity_sources(Settings(region="FR"))
+    check_intensity_sources(Settings(region="FR", grid_intensity_url=base_url, grid_intensity_api_key=API_KEY))
+    time.sleep(0.1)  # a refresh thread, had one been started, would have asked by now
+    assert state.requests == []  # the live API may be down at start: the fallback covers it, no check needed

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import csv
-import types
 from importlib import resources
 
 import pytest
 
-from llmco2_vllm.hardware import (
+from llmco2_vllm.measure.gpu_detection import detect_gpus
+from llmco2_vllm.predict.hardware import (
     DEFAULT_IDLE_FRACTION_OF_TDP,
     GpuSpec,
     Hardware,
     UnknownGpuError,
-    detect_gpus,
     find_gpu,
     gpu_catalog,
 )
+from tests.support.fake_nvml import FakeGpu, FakeNvml, FakeNVMLError
 
 EXPECTED_COLUMNS = [
     "name", "aliases", "memory_gb", "memory_bandwidth_gb_per_s", "bf16_dense_tflops", "fp8_dense_tflops",
@@ -125,29 +125,10 @@ def test_hardware_validation() -> None:
         Hardware(gpu, num_gpus=2, tensor_parallel=0, source="nvml")
 
 
-class FakeNvmlError(Exception):
-    pass
-
-
-def fake_nvml(names: list[str], fail_init: bool = False) -> types.SimpleNamespace:
-    """A pynvml stand-in with ``names`` as physical GPUs (UUIDs GPU-<index>...)."""
-    calls: list[str] = []
-
-    def init() -> None:
-        calls.append("init")
-        if fail_init:
-            raise FakeNvmlError("driver not loaded")
-
-    return types.SimpleNamespace(
-        NVMLError=FakeNvmlError,
-        calls=calls,
-        nvmlInit=init,
-        nvmlShutdown=lambda: calls.append("shutdown"),
-        nvmlDeviceGetCount=lambda: len(names),
-        nvmlDeviceGetHandleByIndex=lambda i: i,
-        nvmlDeviceGetName=lambda h: names[h].encode() if h % 2 else names[h],  # old pynvml returns bytes
-        nvmlDeviceGetUUID=lambda h: f"GPU-{h}aaaa-1111",
-    )
+def fake_nvml(names: list[str], fail_init: bool = False) -> FakeNvml:
+    """``names`` as physical GPUs (UUIDs GPU-<index>aaaa-1111), every other name as bytes like old pynvml."""
+    gpus = [FakeGpu(name, uuid=f"GPU-{i}aaaa-1111", name_as_bytes=i % 2 == 1) for i, name in enumerate(names)]
+    return FakeNvml(gpus, init_error=FakeNVMLError(9) if fail_init else None)  # 9: NVML_ERROR_DRIVER_NOT_LOADED
 
 
 def test_detect_gpus_lists_all_when_unrestricted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,7 +164,7 @@ def test_detect_gpus_returns_none_when_init_fails() -> None:
 def test_detect_gpus_returns_none_when_a_query_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nvml = fake_nvml(["A"])
-    nvml.nvmlDeviceGetCount = lambda: (_ for _ in ()).throw(FakeNvmlError("lost"))
+    nvml.nvmlDeviceGetCount = lambda: (_ for _ in ()).throw(FakeNVMLError(FakeNvml.NVML_ERROR_GPU_IS_LOST))
     assert detect_gpus(nvml) is None
     assert nvml.calls == ["init", "shutdown"]
 

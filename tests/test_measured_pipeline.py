@@ -13,13 +13,14 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import generate_latest
 
-from conftest import metric_sum, parse_metrics
-from llmco2_vllm.calibration import OnlineCalibrator
-from llmco2_vllm.carbon import lookup_region
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.model_description import load_model
-from llmco2_vllm.pipeline import EnginePipeline
-from llmco2_vllm.predictor import AnalyticPredictor
+from llmco2_vllm.accounting.pipeline import EnginePipeline
+from llmco2_vllm.carbon.intensity import lookup_region
+from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+from llmco2_vllm.plugin.scheduler_hook import StepRecorder, compact_step
+from llmco2_vllm.predict.calibration import OnlineCalibrator
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import load_model
+from llmco2_vllm.predict.predictor import AnalyticPredictor
 from llmco2_vllm.settings import Settings
 
 TRUE_SCALE = 1.3
@@ -70,13 +71,15 @@ def run_windows(pipeline: EnginePipeline, meter: ScriptedMeter, windows: int) ->
     pipeline.windows._started = 0.0
     busy = pipeline.metrics.energy.labels(model_name="llama", engine="0", phase="decode", source="predicted")
     step = 0
+    recorder = StepRecorder(capacity=16)
     for window in range(windows):
         busy_seconds = 0.0
         for _ in range(1 + window % 7):
             before = busy._value.get()
-            pipeline.recorder.record(scheduler_output(step), {}, time.perf_counter())
-            busy_seconds += pipeline.recorder._records[-1].wall_seconds
-            pipeline.process_pending()
+            recorder.record(scheduler_output(step), {}, time.perf_counter())
+            (record,) = recorder.drain()
+            busy_seconds += record.wall_seconds
+            pipeline.process_steps([compact_step(record)])
             meter.energy_j += TRUE_SCALE * (busy._value.get() - before)
             step += 1
         window_seconds = 0.01 * (1 + window % 9)
@@ -113,8 +116,9 @@ def test_calibration_learns_the_measured_factor(tmp_path):
 
 def test_without_meter_nothing_is_measured():
     pipeline = make_pipeline(None)
-    pipeline.recorder.record(scheduler_output(0), {}, time.perf_counter())
-    pipeline.process_pending()
+    recorder = StepRecorder(capacity=1)
+    recorder.record(scheduler_output(0), {}, time.perf_counter())
+    pipeline.process_steps([compact_step(record) for record in recorder.drain()])
     pipeline.close_window()
     samples = parse_metrics(generate_latest(pipeline.registry).decode())
     assert metric_sum(samples, "llmco2_energy_measurement_available") == 0

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from llmco2_vllm import baselines
-from llmco2_vllm.hardware import find_gpu
-from llmco2_vllm.measurements import COLUMNS, load_measurements
-from llmco2_vllm.model_description import load_model
+from llmco2_vllm.predict import baselines
+from llmco2_vllm.predict.hardware import find_gpu
+from llmco2_vllm.predict.measurements import COLUMNS, load_measurements
+from llmco2_vllm.predict.model_description import load_model
 
 ALL_ROWS = load_measurements(include_no_kv_cache=True)
 MLENERGY_ROWS = [r for r in ALL_ROWS if r["dataset"].startswith("mlenergy")]
@@ -101,7 +101,7 @@ def test_ecologits_transcription_by_hand():
 
 
 def test_analytic_matches_batch_predictor():
-    from llmco2_vllm.batch_predict import BatchPredictor
+    from llmco2_vllm.predict.batch_predict import BatchPredictor
 
     row = MLENERGY_ROWS[0]
     assert baselines.analytic(row) == pytest.approx(BatchPredictor().predict(row)["energy_j"])

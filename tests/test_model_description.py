@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmco2_vllm.model_description import (
+from llmco2_vllm.predict.model_description import (
     DTYPE_BYTES,
     ModelDescription,
     UnknownModelError,

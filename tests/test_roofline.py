@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.model_description import ModelDescription
-from llmco2_vllm.roofline import RooflineAssumptions, step_cost
-from llmco2_vllm.step_shape import StepShape
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import ModelDescription
+from llmco2_vllm.predict.roofline import RooflineAssumptions, step_cost
+from llmco2_vllm.predict.step_shape import StepShape
 
 REL = 0.01  # "within 1 %"
 
@@ -336,3 +336,118 @@ def test_memory_bound_decode_time_matches_bandwidth(llama: ModelDescription) -> 
     streaming = (15_009_316_864 + 131_334_144) / (3350e9 * 0.8)
     assert streaming == pytest.approx(5.6495e-3, rel=1e-3)
     assert streaming < cost.seconds < streaming + 1e-3
+
+
+# ---- the per-step fast path (Roofline.predict_phases) against the per-operator StepCost ------------
+
+def random_shape(rng: np.random.Generator, n: int, kind: str) -> StepShape:
+    """A step of ``n`` requests: "prefill" chunks, "decode" (some speculative), or "mixed" (both,
+    plus requests that finish their prompt and decode in the same step, and idle ones)."""
+    context = rng.integers(0, 70_000, n) * (rng.random(n) < 0.9)
+    if kind == "prefill":
+        prefill, decode = rng.integers(1, 8192, n), np.zeros(n, dtype=np.int64)
+    elif kind == "decode":
+        prefill, decode = np.zeros(n, dtype=np.int64), rng.integers(1, 6, n)
+    else:
+        role = rng.integers(0, 4, n)  # 0 prefill, 1 decode, 2 last chunk + decode, 3 nothing scheduled
+        prefill = np.where((role == 0) | (role == 2), rng.integers(1, 4096, n), 0)
+        decode = np.where((role == 1) | (role == 2), rng.integers(1, 5, n), 0)
+    return StepShape(tuple(f"r{i}" for i in range(n)), prefill, decode, context, np.maximum(decode - 1, 0))
+
+
+def catalog_models() -> list[ModelDescription]:
+    from llmco2_vllm.predict.model_description import UnsupportedArchitectureError, load_model, model_catalog
+
+    models = []
+    for model_id in model_catalog():
+        try:
+            models.append(load_model(model_id))
+        except UnsupportedArchitectureError:
+            continue
+    return models
+
+
+def test_fast_step_prediction_equals_the_per_operator_cost_on_catalog_models() -> None:
+    from llmco2_vllm.predict.predictor import AnalyticPredictor, prediction_from_cost
+
+    models = catalog_models()
+    # The catalog must exercise every branch of the fast path, or this test proves less than it says.
+    assert any(m.is_mla for m in models)
+    assert any(0 < m.num_sliding_window_layers < m.num_layers for m in models)
+    assert any(m.num_sliding_window_layers == m.num_layers for m in models)
+    assert any(m.num_experts and m.num_dense_layers for m in models)
+    rng = np.random.default_rng(1234)
+    checked = 0
+    for index, model in enumerate(models):
+        for gpu, tp, pp in (("H100", 1, 1), ("A100", 4, 2), ("L4", 8, 1)):
+            predictor = AnalyticPredictor(model, Hardware(find_gpu(gpu), tp * pp, tp, "configured"), pipeline_parallel=pp)
+            for kind in ("prefill", "decode", "mixed"):
+                n = int(rng.integers(0, 300)) if (index + checked) % 7 == 0 else int(rng.integers(1, 40))
+                step = random_shape(rng, n, kind)
+                fast = predictor.predict_step(step)
+                reference = prediction_from_cost(predictor.cost(step))
+                for name in ("prefill_seconds", "decode_seconds", "prefill_energy_j", "decode_energy_j"):
+                    assert getattr(fast, name) == pytest.approx(getattr(reference, name), rel=1e-9, abs=1e-300), (
+                        model.name, gpu, tp, pp, kind, n, name,
+                    )
+                for name in ("request_prefill_weights", "request_decode_weights"):
+                    np.testing.assert_allclose(getattr(fast, name), getattr(reference, name), rtol=1e-9, atol=1e-15)
+                checked += 1
+    assert checked >= 3 * 3 * 50
+
+
+def test_fast_step_prediction_of_special_steps(llama: ModelDescription) -> None:
+    from llmco2_vllm.predict.predictor import AnalyticPredictor, prediction_from_cost
+
+    predictor = AnalyticPredictor(llama, h100(2))
+    steps = [
+        StepShape.from_requests([]),
+        StepShape.from_requests([("idle", 0, 0, 100)]),  # listed but computing nothing
+        StepShape.static_batch_prefill(1, 1),
+        StepShape.static_batch_decode(1, 0),
+        StepShape.static_batch_prefill(3, 100_000),  # compute bound
+        StepShape.from_requests([("a", 0, 1, 5), ("b", 0, 0, 7)]),
+    ]
+    for step in steps:
+        fast, reference = predictor.predict_step(step), prediction_from_cost(predictor.cost(step))
+        assert (fast.prefill_energy_j, fast.decode_energy_j) == pytest.approx(
+            (reference.prefill_energy_j, reference.decode_energy_j), rel=1e-12, abs=0.0
+        )
+        assert (fast.prefill_seconds, fast.decode_seconds) == pytest.approx(
+            (reference.prefill_seconds, reference.decode_seconds), rel=1e-12, abs=0.0
+        )
+        np.testing.assert_allclose(fast.request_prefill_weights, reference.request_prefill_weights, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(fast.request_decode_weights, reference.request_decode_weights, rtol=1e-12, atol=1e-15)
+    assert predictor.predict_step(steps[0]).energy_j == 0.0
+
+
+def test_distilled_gnn_step_prediction_is_the_analytic_one_times_the_table() -> None:
+    from llmco2_vllm.predict.gnn.distilled import DistilledGnnPredictor
+    from llmco2_vllm.predict.gnn.table import CorrectionTable
+    from llmco2_vllm.predict.predictor import prediction_from_cost
+
+    log_batch = [0.0, np.log(8.0), np.log(256.0)]
+    log_tokens = ([0.0, np.log(512.0), np.log(8192.0)], [0.0, np.log(1024.0), np.log(32768.0)])
+    table = CorrectionTable(log_batch, log_tokens, ([[0.1, -0.2, 0.3], [0.0, 0.2, -0.1], [0.4, 0.1, 0.0]],
+                                                    [[-0.3, 0.2, 0.1], [0.05, -0.1, 0.2], [0.0, 0.3, -0.2]]))
+    model = ModelDescription.from_hf_config(MISTRAL_7B_SLIDING, name="mistral-sliding")
+    predictor = DistilledGnnPredictor(model, h100(), table=table)
+    rng = np.random.default_rng(7)
+    for kind in ("prefill", "decode", "mixed") * 10:
+        step = random_shape(rng, int(rng.integers(1, 80)), kind)
+        reference = prediction_from_cost(predictor.roofline.cost(step))
+        # The straightforward reading of the docstring: prefill x factor at (prefill requests, mean
+        # prompt tokens), decode x factor at (decode requests, mean context of the decoding requests).
+        prefilling, decoding = step.prefill_tokens > 0, step.decode_tokens > 0
+        prefill_factor = decode_factor = 1.0
+        if prefilling.any():
+            prefill_factor = np.exp(table.log_factor(0, prefilling.sum(), step.prefill_tokens[prefilling].mean()))
+        if decoding.any():
+            decode_factor = np.exp(table.log_factor(1, decoding.sum(), step.context_tokens[decoding].mean()))
+        fast = predictor.predict_step(step)
+        assert fast.prefill_energy_j == pytest.approx(reference.prefill_energy_j * prefill_factor, rel=1e-9)
+        assert fast.prefill_seconds == pytest.approx(reference.prefill_seconds * prefill_factor, rel=1e-9)
+        assert fast.decode_energy_j == pytest.approx(reference.decode_energy_j * decode_factor, rel=1e-9)
+        assert fast.decode_seconds == pytest.approx(reference.decode_seconds * decode_factor, rel=1e-9)
+        np.testing.assert_allclose(fast.request_decode_weights, reference.request_decode_weights, rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(fast.request_prefill_weights, reference.request_prefill_weights, rtol=1e-9, atol=1e-15)

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from llmco2_vllm.settings import Settings, SettingsError
+from llmco2_vllm.settings import (
+    TABLE_END,
+    TABLE_START,
+    Settings,
+    SettingsError,
+    main,
+    setting_declarations,
+    settings_table_markdown,
+    with_settings_table,
+)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_defaults_validate() -> None:
@@ -312,19 +323,124 @@ def test_api_key_never_in_error_messages() -> None:
     assert "secret-key-123" not in str(info.value)
 
 
-def test_grid_intensity_file_missing(tmp_path: Path) -> None:
-    missing = tmp_path / "nope.csv"
-    with pytest.raises(SettingsError) as info:
-        Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_FILE": str(missing)})
-    message = str(info.value)
-    assert "LLMCO2_GRID_INTENSITY_FILE" in message and str(missing) in message and "no such file" in message
+def test_files_named_by_settings_are_not_read(tmp_path: Path) -> None:
+    # Settings check values; the grid-intensity file is checked where its provider is built
+    # (carbon.providers.check_intensity_sources, tests/test_grid_intensity.py) and the calibration
+    # file where it is loaded (OnlineCalibrator.load, tests/test_calibration.py).
+    corrupt = tmp_path / "calibration.json"
+    corrupt.write_text("{not json")
+    settings = Settings.from_env(environ={
+        "LLMCO2_GRID_INTENSITY_FILE": str(tmp_path / "absent.csv"),
+        "LLMCO2_CALIBRATION_FILE": str(corrupt),
+    })
+    assert settings.grid_intensity_file == str(tmp_path / "absent.csv")
+    assert settings.calibration_file == str(corrupt)
 
 
-def test_grid_intensity_file_must_parse(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.csv"
-    bad.write_text("timestamp,grams_co2e_per_kwh\n2024-05-01T00:00:00Z,120\nnot-a-time,3\n")
+def test_calibration_file_in_missing_directory(tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "calibration.json"
     with pytest.raises(SettingsError) as info:
-        Settings.from_env(environ={"LLMCO2_GRID_INTENSITY_FILE": str(bad)})
+        Settings.from_env(environ={"LLMCO2_CALIBRATION_FILE": str(target)})
     message = str(info.value)
-    assert message.startswith("LLMCO2_GRID_INTENSITY_FILE:")
-    assert str(bad) in message and "line 3" in message and "ISO-8601" in message
+    assert "LLMCO2_CALIBRATION_FILE" in message and "not writable" in message and str(target.parent) in message
+
+
+# --- declarations: validation and the README table are generated from them ------------------------------
+
+
+def test_every_field_is_declared_once_with_its_meaning() -> None:
+    declarations = setting_declarations()
+    assert [d.name for d in declarations] == [f for f in Settings.__dataclass_fields__]
+    for declaration in declarations:
+        assert declaration.doc_text.strip(), declaration.name
+        assert declaration.default == getattr(Settings(), declaration.name)
+        if declaration.value_type in (int, float):
+            assert declaration.minimum is not None and declaration.fix, declaration.name  # NaN/inf need a fix too
+        if declaration.choices:
+            assert declaration.default in declaration.choices and declaration.fix
+
+
+def test_fixes_name_the_declared_bounds() -> None:
+    # A fix written out by hand must not drift from the range that is enforced.
+    def written(bound: float) -> set[str]:  # 1.0 may read "1" or "1.0"; 2592000.0 reads "2592000"
+        return {repr(float(bound)), str(int(bound)) if float(bound).is_integer() else repr(float(bound))}
+
+    for declaration in setting_declarations():
+        for bound in (declaration.minimum, declaration.maximum):
+            if bound is not None:
+                assert any(text in declaration.fix_text for text in written(bound)), (declaration.name, bound)
+
+
+def test_generated_range_checks_accept_bounds_and_reject_beyond() -> None:
+    checked = 0
+    for declaration in setting_declarations():
+        for bound, step in ((declaration.minimum, -1), (declaration.maximum, +1)):
+            if bound is None:
+                continue
+            checked += 1
+            assert getattr(Settings.from_env(environ={declaration.variable: str(bound)}), declaration.name) == bound
+            beyond = bound + step * (1 if declaration.value_type is int else max(abs(bound) * 0.01, 0.01))
+            with pytest.raises(SettingsError) as info:
+                Settings.from_env(environ={declaration.variable: str(beyond)})
+            assert str(info.value).startswith(f"{declaration.variable}={beyond}: ")
+            assert str(info.value).endswith(declaration.fix_text)
+    assert checked >= 30
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_generated_range_checks_reject_non_finite_numbers(value: str) -> None:
+    for declaration in setting_declarations():
+        if declaration.value_type is float:
+            with pytest.raises(SettingsError, match=f"^{declaration.variable}="):
+                Settings.from_env(environ={declaration.variable: value})
+
+
+def test_choices_are_enforced() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ={"LLMCO2_WORKER": "threads"})
+    assert str(info.value) == (
+        "LLMCO2_WORKER='threads': use 'process' (default: accounting off vLLM's engine process) or 'thread'."
+    )
+    assert Settings.from_env(environ={"LLMCO2_WORKER": "thread"}).worker == "thread"
+
+
+def test_secret_is_hidden_from_repr_and_declared_so() -> None:
+    (key,) = [d for d in setting_declarations() if d.secret]
+    assert key.name == "grid_intensity_api_key"
+    assert "hunter2" not in repr(Settings(grid_intensity_api_key="hunter2"))
+
+
+def test_llmco2_key_of_the_file_must_be_a_table(tmp_path: Path) -> None:
+    config = tmp_path / "scalar.toml"
+    config.write_text("llmco2 = 5\n")
+    with pytest.raises(SettingsError, match=r"\[llmco2\]"):
+        Settings.from_env(environ={"LLMCO2_CONFIG": str(config)})
+
+
+def test_readme_table_is_the_generated_one() -> None:
+    readme = README.read_text(encoding="utf-8")
+    assert readme.count(TABLE_START) == 1 and readme.count(TABLE_END) == 1
+    block = readme.split(TABLE_START + "\n", 1)[1].split(TABLE_END, 1)[0]
+    assert block == settings_table_markdown(), "run: python -m llmco2_vllm.settings --update-readme README.md"
+    assert with_settings_table(readme) == readme
+
+
+def test_table_has_one_row_per_setting_with_its_default() -> None:
+    rows = settings_table_markdown().splitlines()[2:]
+    assert len(rows) == len(setting_declarations())
+    assert "| `LLMCO2_QUEUE_CAPACITY` | `8192` |" in rows[[d.name for d in setting_declarations()].index("queue_capacity")]
+    assert any(row.startswith("| `LLMCO2_GRID_INTENSITY_REFRESH_SECONDS` | `300` | ") and "(10 to 86400;" in row for row in rows)
+    assert any(row.startswith("| `LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS` | `3600` | ") and "(1 to 2592000)" in row for row in rows)
+    assert any(row.startswith("| `LLMCO2_GRID_INTENSITY` | unset | ") for row in rows)
+
+
+def test_update_readme_rewrites_only_the_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{TABLE_START}\n| stale |\n{TABLE_END}\n\nAfter.\n")
+    assert main(["--update-readme", str(readme)]) == 0
+    assert readme.read_text() == f"# Title\n\n{TABLE_START}\n{settings_table_markdown()}{TABLE_END}\n\nAfter.\n"
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == settings_table_markdown()
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="settings-table"):
+        main(["--update-readme", str(readme)])

@@ -12,18 +12,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import metric_sum, parse_metrics
-from llmco2_vllm.forecast import RequestForecaster
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.local_server import LocalVllmServer
-from llmco2_vllm.model_description import ModelDescription
-from llmco2_vllm.predictor import AnalyticPredictor
+from llmco2_vllm.dev.local_server import LocalVllmServer
+from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+from llmco2_vllm.predict.forecast import RequestForecaster
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import ModelDescription
+from llmco2_vllm.predict.predictor import AnalyticPredictor
 from llmco2_vllm.settings import Settings
+from tests.support.electricity_maps_server import FakeElectricityMaps
+
+pytestmark = pytest.mark.server
 
 SERVER_ARGS = ["--max-num-batched-tokens", "256", "--max-num-seqs", "8", "--block-size", "32"]
 SMALL = {"prompt": list(range(1, 9)), "max_tokens": 4}
@@ -67,6 +69,24 @@ def write_series(path: Path, rows: list[tuple[float, float]]) -> None:
     path.write_text("timestamp,grams_co2e_per_kwh\n" + "".join(f"{t:.3f},{v}\n" for t, v in rows))
 
 
+def with_word_tokenizer(model_dir: Path, directory: Path) -> Path:
+    """The tiny model plus a word-level tokenizer ("w<id>" -> id) with a chat template: chat needs a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}  # every id decodes
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}assistant {% endif %}"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=template)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    for path in model_dir.iterdir():
+        (directory / path.name).symlink_to(path.resolve())
+    return directory
+
+
 @pytest.fixture(scope="module")
 def carbon_server(tiny_model_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("carbon")
@@ -87,7 +107,8 @@ def carbon_server(tiny_model_dir, tmp_path_factory):
         "LLMCO2_REQUEST_LOG": str(directory / "requests.jsonl"),
     }
     log = directory / "serve.log"
-    with LocalVllmServer(tiny_model_dir, SERVER_ARGS, env=env, log_path=log) as server:
+    model_dir = with_word_tokenizer(tiny_model_dir, directory / "model")
+    with LocalVllmServer(model_dir, [*SERVER_ARGS, "--no-skip-tokenizer-init"], env=env, log_path=log) as server:
         yield {"server": server, "series": series, "forecaster": forecaster, "log": log, "small_high": small_high}
 
 
@@ -217,45 +238,62 @@ def test_results_per_request_match_the_metrics(carbon_server):
     assert metric_sum(samples, "llmco2_plugin_errors_total") == 0
 
 
-class FakeElectricityMaps:
-    """A local server answering like Electricity Maps v3 ``/carbon-intensity/latest``; the test sets its mode."""
+# (path, body, engine requests it fans out to)
+ID_CASES = {
+    "single completion": ("/v1/completions", {"prompt": [5, 6, 7, 8], "max_tokens": 3}, 1),
+    "n=2 completion": ("/v1/completions", {"prompt": [5, 6, 7, 8], "max_tokens": 3, "n": 2, "temperature": 1.0, "seed": 3}, 2),
+    "two-prompt completion": ("/v1/completions", {"prompt": [[5, 6, 7], [9, 10, 11, 12]], "max_tokens": 3}, 2),
+    "chat completion": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5 w6 w7"}], "max_tokens": 3}, 1),
+}
 
-    def __init__(self) -> None:
-        self.mode, self.value, self.requests = "ok", HIGH, 0
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fake.requests += 1
-                if fake.mode == "hang":
-                    time.sleep(3.0)  # past the client's timeout: it has gone, so answer nothing
-                    return
-                if fake.mode == "error":
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                body = json.dumps({"zone": "DE", "carbonIntensity": fake.value, "datetime": "2026-11-27T00:00:00.000Z",
-                                   "updatedAt": "2026-11-27T00:00:00.000Z", "emissionFactorType": "lifecycle",
-                                   "isEstimated": False, "temporalGranularity": "hourly"}).encode()  # fmt: skip
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(body)
+def test_request_ids_agree_across_header_results_and_request_log(carbon_server):
+    server = carbon_server["server"]
+    write_series(carbon_server["series"], [(0.0, LOW)])  # as the deferrable test leaves it: deferral only for budget
+    time.sleep(BUDGET_WINDOW_SECONDS + 1)  # earlier tests' spend leaves the window; the series is reloaded
+    responses = {}
+    for case, (path, body, _parts) in ID_CASES.items():
+        body = {"model": "tiny-llama", "ignore_eos": True, "temperature": 0.0, **body}
+        status, headers, response = http(server, "POST", path, body, {"X-Llmco2-Deferrable": "60"})  # waits out the budget
+        assert status == 200, (case, response)
+        assert headers["x-llmco2-request-id"] == response["id"], case
+        assert response["id"].startswith("chatcmpl-" if "chat" in path else "cmpl-"), case
+        responses[case] = response
 
-            def log_message(self, *args) -> None:
-                pass
+    log_path = carbon_server["log"].parent / "requests.jsonl"
+    deadline = time.monotonic() + 30
+    while True:  # the log line and the stored actual are written by the worker's passes: wait for both
+        lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+        results = {case: http(server, "GET", f"/v1/carbon/requests/{r['id']}") for case, r in responses.items()}
+        logged = {case: [line for line in lines if line["client_request_id"] == r["id"]] for case, r in responses.items()}
+        done = all(status == 200 and result["status"] == "finished" for status, _, result in results.values())
+        if done and all(len(logged[case]) == ID_CASES[case][2] for case in responses) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v3"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    for case, response in responses.items():
+        parts, completion_tokens = ID_CASES[case][2], response["usage"]["completion_tokens"]
+        status, _, result = results[case]
+        assert status == 200 and result["id"] == response["id"] and result["status"] == "finished", (case, result)
+        actual = result["actual"]
+        assert result["forecast"]["parts"] == parts and actual["output_tokens"] == completion_tokens, (case, result)
+        records = logged[case]
+        assert len(records) == parts, (case, records)
+        assert len({r["request_id"] for r in records}) == parts  # one line per engine request
+        assert sum(r["decode_tokens"] + 1 for r in records) == completion_tokens
+        assert sum(r["energy_j"] for r in records) == pytest.approx(actual["energy_j"], rel=1e-9)
+        assert sum(r["carbon_grams"] for r in records) == pytest.approx(actual["grams_co2e"], rel=1e-9)
+    chat = results["chat completion"][2]
+    assert chat["forecast"]["prompt_tokens_estimated"] is False  # counted with the server's tokenizer
 
-    def close(self) -> None:
-        self.httpd.shutdown()
+    # Every line of the log, from every test so far, names a request its results answer for.
+    for client_id in {line["client_request_id"] for line in lines}:
+        status, _, result = http(server, "GET", f"/v1/carbon/requests/{client_id}")
+        assert status == 200 and result["id"] == client_id, (client_id, result)
 
 
 def test_live_provider_outage_keeps_waiting_until_intensity_drops(tiny_model_dir, tmp_path):
-    fake = FakeElectricityMaps()
+    fake = FakeElectricityMaps(value=HIGH)
     refresh = 10.0
     env = {
         "VLLM_PLUGINS": "llmco2",
@@ -279,7 +317,7 @@ def test_live_provider_outage_keeps_waiting_until_intensity_drops(tiny_model_dir
             client = threading.Thread(target=deferrable_request)
             client.start()
             # The service hangs past the timeout, then fails: the last known (high) value stays in use.
-            for mode in ("hang", "error"):
+            for mode in ("hang", "500"):
                 fake.mode = mode
                 time.sleep(refresh + 2)
                 assert client.is_alive(), f"released during the {mode} phase: {result}"

@@ -1,4 +1,4 @@
-"""A real vLLM engine (offline ``LLM``, engine core in-process, run by ``offline_engine_run.py`` in a
+"""A real vLLM engine (offline ``LLM``, engine core in-process, run by ``support/offline_engine_run.py`` in a
 child process of the test) with the plugin's scheduler hook.
 
 Identities checked (no preemption in these runs):
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import metric_sum, parse_metrics
+from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+
+pytestmark = pytest.mark.server
 
 MAX_BATCHED_TOKENS = 32  # so a 70-token prompt runs as chunked prefill
 
@@ -26,7 +28,7 @@ MAX_BATCHED_TOKENS = 32  # so a 70-token prompt runs as chunked prefill
 @pytest.fixture(scope="module", params=["process", "thread"])
 def offline_run(request, tiny_model_dir):
     """The same run with the accounting in a worker process (the default) and in a thread."""
-    script = Path(__file__).with_name("offline_engine_run.py")
+    script = Path(__file__).parent / "support" / "offline_engine_run.py"
     env = {**os.environ}
     if request.param == "thread":
         env["LLMCO2_WORKER"] = "thread"
@@ -41,7 +43,7 @@ def offline_run(request, tiny_model_dir):
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     run = json.loads(lines[-1].removeprefix("LLMCO2_RESULT "))
     assert run["idle"], "the plugin's worker did not catch up"
-    assert run["worker"] == {"process": "WorkerProcess", "thread": "EnginePipeline"}[request.param]
+    assert run["worker"] == request.param
     run["samples"] = parse_metrics(run["metrics"])
     return run
 

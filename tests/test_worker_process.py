@@ -1,7 +1,8 @@
-"""The plugin's worker process (``LLMCO2_WORKER=process``, the default), driven with real vLLM step objects.
+"""The accounting worker in both modes, driven with real vLLM step objects through the plugin's ``StepForwarder``.
 
-The same recorded steps go through ``WorkerProcess`` (compacted in this process, accounted in a
-real child process) and through an in-process ``EnginePipeline``: the results must be identical.
+The same recorded steps go through the worker process (``LLMCO2_WORKER=process``, the default:
+compacted in this process, accounted in a real child process) and through the worker thread
+(``thread``): the results must be identical, since both carry the same step contract.
 Also: a worker that cannot start fails the plugin at start-up with its reason; a worker that dies
 leaves the engine side serving, with one log line and bounded memory; the worker ignores the
 signals meant for the server and finishes its accounting when the engine closes the pipe.
@@ -13,18 +14,18 @@ import logging
 import os
 import random
 import signal
-import sys
 import time
 
 import pytest
 
-from conftest import REPO_ROOT, metric_sum, parse_metrics
-from llmco2_vllm.hardware import Hardware, find_gpu
-from llmco2_vllm.model_description import load_model
+from llmco2_vllm.accounting.worker import WorkerSpec
+from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+from llmco2_vllm.dev.step_simulator import StepSimulator, engine_outputs_for
+from llmco2_vllm.plugin.step_forwarder import StepForwarder
+from llmco2_vllm.predict.deployment import Deployment
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import load_model
 from llmco2_vllm.settings import Settings
-from llmco2_vllm.worker_process import PipelineSpec, WorkerProcess, build_pipeline
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -36,12 +37,9 @@ def _analytic_settings(monkeypatch):
     monkeypatch.setenv("LLMCO2_MEASURE_ENERGY", "false")
 
 
-def spec(tmp_path, engine: str = "0") -> PipelineSpec:
-    return PipelineSpec(
-        model_name=MODEL_ID,
-        model=load_model(MODEL_ID),
-        hardware=Hardware(find_gpu("H100"), 1, 1, "configured"),
-        pipeline_parallel=1,
+def spec(tmp_path, engine: str = "0") -> WorkerSpec:
+    return WorkerSpec(
+        deployment=Deployment(MODEL_ID, load_model(MODEL_ID), Hardware(find_gpu("H100"), 1, 1, "configured")),
         engine=engine,
         gpu_indices=(0,),
         snapshot_path=str(tmp_path / f"engine-{engine}.prom"),
@@ -51,8 +49,6 @@ def spec(tmp_path, engine: str = "0") -> PipelineSpec:
 
 def simulated_steps(count: int, batch: int = 16, seed: int = 3):
     """Real vLLM SchedulerOutputs and engine outputs of a steady serving mix (requests finish and arrive)."""
-    from step_recording import StepSimulator, engine_outputs_for
-
     simulator = StepSimulator(batch, random.Random(seed), "w")
     steps = []
     for _ in range(count):
@@ -79,21 +75,27 @@ def comparable(report: dict) -> dict:
     }
 
 
-def test_worker_process_accounts_exactly_like_the_in_process_pipeline(tmp_path):
-    steps = simulated_steps(300)
-    worker = WorkerProcess(spec(tmp_path / "process"), Settings.from_env())
+def account(steps, worker_spec: WorkerSpec) -> dict | None:
+    forwarder = StepForwarder(worker_spec, Settings.from_env())
     try:
-        record_all(worker.recorder, steps)
-        by_process = worker.report(timeout=60)
+        record_all(forwarder.recorder, steps)
+        return forwarder.report(timeout=60)
     finally:
-        worker.stop()
-    in_process = build_pipeline(spec(tmp_path / "thread"), Settings.from_env())
-    record_all(in_process.recorder, steps)
-    in_process.process_pending()
-    by_thread = in_process.report()
-    in_process.stop()
+        forwarder.stop()
 
-    assert by_process is not None
+
+def test_spec_crosses_processes_as_json(tmp_path):
+    original = spec(tmp_path)
+    assert WorkerSpec.from_json(original.to_json()) == original
+
+
+def test_worker_process_accounts_exactly_like_the_worker_thread(tmp_path, monkeypatch):
+    steps = simulated_steps(300)
+    by_process = account(steps, spec(tmp_path / "process"))
+    monkeypatch.setenv("LLMCO2_WORKER", "thread")
+    by_thread = account(steps, spec(tmp_path / "thread"))
+
+    assert by_process is not None and by_thread is not None
     assert by_process["steps_processed"] == 300
     got, expected = comparable(by_process), comparable(by_thread)
     assert len(got["finished"]) > 50
@@ -114,16 +116,16 @@ def test_worker_process_accounts_exactly_like_the_in_process_pipeline(tmp_path):
 def test_worker_that_cannot_start_fails_the_plugin_at_startup(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMCO2_PREDICTOR", "no_such_package.module:Predictor")
     with pytest.raises(RuntimeError, match="could not start.*no_such_package"):
-        WorkerProcess(spec(tmp_path), Settings.from_env())
+        StepForwarder(spec(tmp_path), Settings.from_env())
 
 
 def test_dead_worker_leaves_the_engine_serving(tmp_path, caplog):
-    worker = WorkerProcess(spec(tmp_path), Settings.from_env())
+    worker = StepForwarder(spec(tmp_path), Settings.from_env())
     try:
         record_all(worker.recorder, simulated_steps(20))
         assert worker.wait_idle(timeout=60)
-        worker._process.kill()
-        worker._process.wait(10)
+        worker._transport.process.kill()
+        worker._transport.process.wait(10)
         with caplog.at_level(logging.ERROR, logger="llmco2_vllm"):
             for _ in range(3):  # more steps after the death: forwarded nowhere, never piling up
                 record_all(worker.recorder, simulated_steps(50, seed=4))
@@ -140,18 +142,40 @@ def test_dead_worker_leaves_the_engine_serving(tmp_path, caplog):
 
 
 def test_worker_ignores_server_signals_and_finishes_on_end_of_input(tmp_path):
-    worker = WorkerProcess(spec(tmp_path), Settings.from_env())
+    worker = StepForwarder(spec(tmp_path), Settings.from_env())
     record_all(worker.recorder, simulated_steps(40))
     assert worker.wait_idle(timeout=60)
     record_all(worker.recorder, simulated_steps(10, seed=5))
-    os.kill(worker._process.pid, signal.SIGTERM)
-    os.kill(worker._process.pid, signal.SIGINT)
+    process = worker._transport.process
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGINT)
     time.sleep(0.3)
     assert worker.alive
     worker._stop.set()  # the engine goes away without saying stop: only the pipe closes
     worker._thread.join(5)
     worker.forward_pending()
-    worker._process.stdin.close()
-    assert worker._process.wait(30) == 0
+    process.stdin.close()
+    assert process.wait(30) == 0
     snapshot = parse_metrics((tmp_path / "engine-0.prom").read_text())
     assert metric_sum(snapshot, "llmco2_steps_total") == 50
+
+
+def test_idle_worker_publishes_when_due_without_new_messages(tmp_path, monkeypatch):
+    """The reader loop waits only until the next publication is due: steps show up on the snapshot while no
+    more messages arrive and the engine keeps running (no stop, no sync)."""
+    monkeypatch.setenv("LLMCO2_FLUSH_INTERVAL_SECONDS", "0.2")
+    worker = StepForwarder(spec(tmp_path), Settings.from_env())
+    try:
+        record_all(worker.recorder, simulated_steps(20))
+        snapshot_path = tmp_path / "engine-0.prom"
+        deadline = time.monotonic() + 20
+        steps = 0.0
+        while time.monotonic() < deadline:
+            if snapshot_path.exists():
+                steps = metric_sum(parse_metrics(snapshot_path.read_text()), "llmco2_steps_total")
+                if steps == 20:
+                    break
+            time.sleep(0.05)
+        assert steps == 20
+    finally:
+        worker.stop()

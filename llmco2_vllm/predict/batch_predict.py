@@ -1,0 +1,160 @@
+"""Row-wise prediction of static batches: ``llmco2 predict`` in single and batch (CSV) mode.
+
+A row describes a static batch like LLMCO2's input: ``batch_size`` requests, each with
+``prompt_tokens`` prompt and ``output_tokens`` generated tokens, served by ``model`` on
+``num_gpus`` x ``gpu`` with ``tensor_parallel`` (and optionally ``data_parallel`` replicas, which
+split the batch; ``num_gpus / (tensor_parallel x data_parallel)`` is the pipeline-parallel depth).
+Models, GPUs and predictors are cached, so thousands of rows take seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from functools import lru_cache
+from typing import Any, Mapping
+
+from llmco2_vllm.carbon.intensity import lookup_region, operational_grams_co2e
+from llmco2_vllm.predict.deployment import Deployment
+from llmco2_vllm.predict.forecast import forecast_static_batch
+from llmco2_vllm.predict.hardware import Hardware, find_gpu
+from llmco2_vllm.predict.model_description import load_model
+from llmco2_vllm.predict.predictor import StepPredictor, load_predictor
+
+BATCH_COLUMNS = ("model", "gpu", "num_gpus", "tensor_parallel", "batch_size", "prompt_tokens", "output_tokens")
+OPTIONAL_BATCH_COLUMNS = ("region", "data_parallel", "expert_parallel")
+OUTPUT_COLUMNS = ("prefill_j", "decode_j", "energy_j", "energy_j_low", "energy_j_high", "seconds", "carbon_g", "error")
+MAX_TOKENS = 10_000_000
+
+
+def _int(row: Mapping[str, Any], name: str, default: int | None = None, maximum: int = MAX_TOKENS) -> int:
+    raw = row.get(name)
+    if raw in (None, ""):
+        if default is None:
+            raise ValueError(f"{name} is missing")
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value.is_integer() or value < 1 or value > maximum:
+        raise ValueError(f"{name}={raw!r} must be a whole number from 1 to {maximum}")
+    return int(value)
+
+
+class BatchPredictor:
+    """Predicts rows; keeps one predictor per (model, gpu, parallelism)."""
+
+    def __init__(self, calibration_path: str | None = None, pue: float = 1.0, predictor: str = "analytic") -> None:
+        self.predictor_name = predictor
+        self.calibration = None
+        if calibration_path:
+            from llmco2_vllm.predict.calibration import OnlineCalibrator
+
+            self.calibration = OnlineCalibrator.load(calibration_path)
+        if not (math.isfinite(pue) and pue >= 1.0):
+            raise ValueError(f"--pue {pue}: power usage effectiveness is a ratio >= 1.0")
+        self.pue = pue
+
+    @staticmethod
+    @lru_cache(maxsize=256)
+    def _predictor(
+        name: str, model: str, gpu: str, num_gpus: int, tensor_parallel: int, data_parallel: int
+    ) -> StepPredictor:
+        if num_gpus % (tensor_parallel * data_parallel):
+            raise ValueError(
+                f"num_gpus={num_gpus} is not a multiple of tensor_parallel x data_parallel = {tensor_parallel * data_parallel}"
+            )
+        pipeline_parallel = num_gpus // (tensor_parallel * data_parallel)
+        hardware = Hardware(find_gpu(gpu), tensor_parallel * pipeline_parallel, tensor_parallel, "configured")
+        return load_predictor(name, Deployment(model, load_model(model), hardware, pipeline_parallel))
+
+    def predict(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One row -> the prediction fields (raises ValueError with the reason)."""
+        model, gpu = str(row.get("model") or "").strip(), str(row.get("gpu") or "").strip()
+        if not model or not gpu:
+            raise ValueError("model and gpu are required")
+        tensor_parallel = _int(row, "tensor_parallel", 1, maximum=1024)
+        data_parallel = _int(row, "data_parallel", 1, maximum=1024)
+        num_gpus = _int(row, "num_gpus", tensor_parallel * data_parallel, maximum=100_000)
+        batch_size = _int(row, "batch_size", maximum=1_000_000)
+        prompt_tokens = _int(row, "prompt_tokens")
+        output_tokens = _int(row, "output_tokens")
+        predictor = self._predictor(self.predictor_name, model, gpu, num_gpus, tensor_parallel, data_parallel)
+        per_replica = math.ceil(batch_size / data_parallel)
+        forecast = forecast_static_batch(predictor, per_replica, prompt_tokens, output_tokens)
+        scale = batch_size / per_replica  # replicas share the batch; the last one may hold fewer
+        prefill_j, decode_j = forecast.prefill_j * scale, forecast.decode_j * scale
+        calibrated = False
+        if self.calibration is not None:
+            prefill_j, decode_j, _ = self.calibration.correct(prefill_j, decode_j, 0.0)
+            calibrated = True
+        energy_j = prefill_j + decode_j
+        result: dict[str, Any] = {
+            "model": load_model(model).name,
+            "gpu": find_gpu(gpu).name,
+            "num_gpus": num_gpus,
+            "tensor_parallel": tensor_parallel,
+            "data_parallel": data_parallel,
+            "batch_size": batch_size,
+            "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens,
+            "predictor": predictor.name + ("+calibration" if calibrated else ""),
+            "prefill_j": prefill_j,
+            "decode_j": decode_j,
+            "energy_j": energy_j,
+            # The analytic model has no calibrated uncertainty; the learned predictor fills these.
+            "energy_j_low": None,
+            "energy_j_high": None,
+            "seconds": forecast.seconds,
+            "energy_j_per_output_token": energy_j / (batch_size * output_tokens),
+        }
+        region = str(row.get("region") or "").strip()
+        if region:
+            intensity = lookup_region(region)
+            result["region"] = intensity.region
+            result["grid_intensity_grams_per_kwh"] = intensity.grams_co2e_per_kwh
+            result["pue"] = self.pue
+            result["carbon_g"] = operational_grams_co2e(energy_j, intensity, self.pue)
+        return result
+
+
+def predict_file(predictor: BatchPredictor, in_path: str, out_path: str) -> int:
+    """Predict every row of ``in_path`` into ``out_path``; return the number of failed rows."""
+    with open(in_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in BATCH_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(f"{in_path}: missing columns {', '.join(missing)} (needed: {', '.join(BATCH_COLUMNS)})")
+        rows = [{k.strip(): v for k, v in row.items() if k is not None} for row in reader]
+    out_columns = columns + [c for c in OUTPUT_COLUMNS if c not in columns]
+    failed = 0
+    with open(out_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=out_columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in _progress(rows, "predict"):
+            out = dict(row)
+            try:
+                result = predictor.predict(row)
+                for name in OUTPUT_COLUMNS[:-1]:
+                    value = result.get(name)
+                    out[name] = "" if value is None else f"{value:.6g}"
+                out["error"] = ""
+            except Exception as error:  # a bad row must not stop the run
+                failed += 1
+                out.update({name: "" for name in OUTPUT_COLUMNS})
+                out["error"] = str(error) or type(error).__name__
+            writer.writerow(out)
+    print(f"llmco2: {len(rows) - failed} rows predicted, {failed} failed -> {out_path}", file=sys.stderr)
+    return failed
+
+
+def _progress(rows: list, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return rows
+    # disable=None: a bar on terminals only, none in logs
+    return tqdm(rows, desc=description, unit="row", disable=None if len(rows) >= 50 else True)

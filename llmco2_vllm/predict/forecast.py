@@ -1,0 +1,420 @@
+"""Forecasts for whole requests from step predictions (``llmco2 predict``, request forecasts).
+
+A static batch of B requests, each with P prompt tokens and O generated tokens, runs one prefill
+step (which also yields the first output token) and O-1 decode steps whose KV context grows from P
+to P+O-2. The analytic predictor sums them in closed form (``Roofline.static_batch``); for any other
+predictor, decode cost is evaluated at up to ``samples`` evenly spaced contexts and integrated with
+the trapezoid rule (exact for linear cost), as LLMCO2 does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmco2_vllm.predict.predictor import AnalyticPredictor, StepPredictor
+from llmco2_vllm.predict.step_shape import StepShape
+
+
+@dataclass(frozen=True)
+class BatchForecast:
+    """Predicted cost of a static batch on the predictor's hardware."""
+
+    batch_size: int
+    prompt_tokens: int
+    output_tokens: int
+    prefill_j: float
+    decode_j: float
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def energy_j(self) -> float:
+        return self.prefill_j + self.decode_j
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+
+def forecast_static_batch(
+    predictor: StepPredictor, batch_size: int, prompt_tokens: int, output_tokens: int, samples: int = 16
+) -> BatchForecast:
+    """Energy and time of a static batch (see module docstring)."""
+    if batch_size < 1 or prompt_tokens < 1 or output_tokens < 1:
+        raise ValueError("batch_size, prompt_tokens and output_tokens must each be at least 1")
+    # The analytic model (and the GNN's distilled correction of it) has a closed form per step:
+    # a few float evaluations, no arrays.
+    closed_form = getattr(predictor, "static_batch", None)
+    if closed_form is None and isinstance(predictor, AnalyticPredictor):
+        closed_form = predictor.roofline.static_batch
+    if closed_form is not None:
+        prefill_seconds, prefill_j, decode_seconds, decode_j = closed_form(batch_size, prompt_tokens, output_tokens)
+        return BatchForecast(
+            batch_size, prompt_tokens, output_tokens, prefill_j, decode_j, prefill_seconds, decode_seconds
+        )
+    prefill = predictor.predict_step(StepShape.static_batch_prefill(batch_size, prompt_tokens))
+    decode_steps = output_tokens - 1
+    decode_j = decode_seconds = 0.0
+    if decode_steps > 0:
+        contexts = np.unique(np.linspace(prompt_tokens, prompt_tokens + decode_steps - 1, min(samples, decode_steps)).round())
+        energies, times = [], []
+        for context in contexts:
+            step = predictor.predict_step(StepShape.static_batch_decode(batch_size, int(context)))
+            energies.append(step.decode_energy_j)
+            times.append(step.decode_seconds)
+        decode_j = _integrate(contexts, np.array(energies), decode_steps)
+        decode_seconds = _integrate(contexts, np.array(times), decode_steps)
+    return BatchForecast(
+        batch_size,
+        prompt_tokens,
+        output_tokens,
+        prefill.prefill_energy_j + prefill.decode_energy_j,
+        decode_j,
+        prefill.seconds,
+        decode_seconds,
+    )
+
+
+def _integrate(contexts: np.ndarray, values: np.ndarray, steps: int) -> float:
+    """Sum of per-step values over ``steps`` consecutive contexts, from samples at ``contexts``."""
+    if len(contexts) == 1:
+        return float(values[0]) * steps
+    # Mean of the piecewise-linear interpolant over the sampled range, times the number of steps.
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+    mean = trapezoid(values, contexts) / (contexts[-1] - contexts[0])
+    return float(mean) * steps
+
+
+# Measured / predicted energy of the analytic model on the 298 real rows of measurements.csv, 10th
+# and 90th percentiles (tests/test_forecast.py recomputes them): before the online calibration has
+# measured this deployment, the truth typically lies 1.04x-2.64x above an analytic forecast.
+ANALYTIC_RATIO_RANGE = (1.04, 2.64)
+OTHER_PREDICTOR_RATIO_RANGE = (0.5, 2.0)  # a predictor without a measured error band: a factor of two
+_MIN_LEARNED_SAMPLES = 20
+_MIN_OUTCOMES = 16  # finished requests of a band before its correction replaces the prior
+_OUTCOME_WINDOW = 256  # the rolling window of outcomes each band learns from, newest first
+_OUTPUT_WINDOW = 128  # newest outcomes output lengths are learned from (the workload changes)
+INTERVAL_QUANTILES = (0.1, 0.9)  # the 80 % interval
+
+
+def length_band(max_tokens: int) -> int:
+    """Requests of about the same ``max_tokens`` (a power-of-two band) share what is learned of them."""
+    return max(1, int(max_tokens)).bit_length()
+
+
+def batch_band(concurrent_requests: float) -> int:
+    """Half-octaves of the batch a forecast priced a request in: a correction learned while the
+    server ran 2 requests at a time says nothing about forecasts made while it runs 16."""
+    return round(2.0 * math.log2(max(1.0, concurrent_requests)))
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an ascending list (numpy's default), without numpy's overhead."""
+    position = q * (len(sorted_values) - 1)
+    below = int(position)
+    above = min(below + 1, len(sorted_values) - 1)
+    return sorted_values[below] + (sorted_values[above] - sorted_values[below]) * (position - below)
+
+
+@dataclass(frozen=True)
+class OutputLengthEstimate:
+    """Output tokens a request is expected to generate: the median and a 10-90 % range."""
+
+    expected: int
+    low: int
+    high: int
+    source: str  # "max_tokens" (no history yet: the upper bound) or "learned" (recent requests)
+    stopped_early_share: float | None = None  # learned share of requests that stopped before max_tokens (EOS, stop)
+
+
+def estimate_output_tokens(max_tokens: int, recent: list[tuple[int, int | None]]) -> OutputLengthEstimate:
+    """Output length from ``max_tokens`` and recently finished requests ``(output tokens, their max_tokens)``.
+
+    Requests often stop before ``max_tokens``; the share of ``max_tokens`` they used is learned from
+    recent requests - of this request's ``max_tokens`` band when it has enough of them, else of all -
+    and applied to this one (quantiles 10/50/90 %), never above ``max_tokens``. The share that ran to
+    the limit versus stopped early (the stop-reason mix) is part of that distribution.
+    """
+    usable = [(output, limit) for output, limit in recent if limit and limit > 0 and output > 0]
+    band = length_band(max_tokens)
+    same_band = [pair for pair in usable if length_band(pair[1]) == band]
+    chosen = same_band if len(same_band) >= _MIN_LEARNED_SAMPLES else usable
+    ratios = sorted(min(output / limit, 1.0) for output, limit in chosen)
+    if len(ratios) < _MIN_LEARNED_SAMPLES:
+        return OutputLengthEstimate(max_tokens, 1, max_tokens, "max_tokens")
+
+    def quantile(q: float) -> int:
+        ratio = ratios[min(int(q * len(ratios)), len(ratios) - 1)]
+        return max(1, min(max_tokens, round(ratio * max_tokens)))
+
+    early = sum(1 for ratio in ratios if ratio < 1.0) / len(ratios)
+    return OutputLengthEstimate(quantile(0.5), quantile(0.1), quantile(0.9), "learned", early)
+
+
+@dataclass(frozen=True)
+class ForecastOutcome:
+    """A finished request's forecast beside its actual (all of its parts), as the results store keeps them."""
+
+    max_tokens: int
+    output_tokens: int  # actual, per part
+    prompt_tokens: int  # actual, per part
+    cached_tokens: int  # actual, per part
+    raw_energy_j: float | None  # the forecast before the learned correction (None: an older row)
+    energy_j: float  # the forecast point
+    energy_j_low: float
+    energy_j_high: float
+    actual_energy_j: float  # calibrated, attributed to this request by the engine
+    concurrent_requests: float = 0.0  # the batch the forecast priced it in (0: unknown)
+
+
+@dataclass(frozen=True)
+class ForecastCorrection:
+    """What recent outcomes of a band say about its forecasts: actual / raw forecast, median and 80 % range."""
+
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    samples: int
+    band: str  # "length band N" or "all"
+
+
+class ForecastLearner:
+    """Learns from finished requests: output lengths, prefix-cache hits and a rolling correction per band.
+
+    Built from the results store's recent outcomes (newest first) every few seconds off the event
+    loop; the forecast reads it without touching the store. The correction is the distribution of
+    actual / raw forecast of the band's last ``_OUTCOME_WINDOW`` requests: its median corrects the
+    point and its 10-90 % quantiles give the interval, so the interval's coverage is measured, not
+    assumed (conformal), and already holds output-length and model error together.
+    """
+
+    def __init__(self, outcomes: list[ForecastOutcome]) -> None:
+        self.outcomes = outcomes
+        self.output_history = [(o.output_tokens, o.max_tokens) for o in outcomes[:_OUTPUT_WINDOW]]
+        prompts = sum(o.prompt_tokens for o in outcomes)
+        self.cached_share = min(0.95, sum(o.cached_tokens for o in outcomes) / prompts) if prompts > 0 else 0.0
+        by_band: dict[tuple[int, int], list[float]] = {}
+        by_batch: dict[int, list[float]] = {}
+        every: list[float] = []
+        for outcome in outcomes:
+            if outcome.raw_energy_j and outcome.raw_energy_j > 0 and outcome.actual_energy_j > 0:
+                ratio = outcome.actual_energy_j / outcome.raw_energy_j
+                batch = batch_band(outcome.concurrent_requests)
+                for ratios in (every, by_batch.setdefault(batch, []), by_band.setdefault((length_band(outcome.max_tokens), batch), [])):
+                    if len(ratios) < _OUTCOME_WINDOW:
+                        ratios.append(ratio)
+        self._all = self._correction(every, "all")
+        self._batches = {band: self._correction(ratios, f"batch band {band}") for band, ratios in by_batch.items()}
+        self._bands = {
+            band: self._correction(ratios, f"length band {band[0]}, batch band {band[1]}") for band, ratios in by_band.items()
+        }
+        scored = [o for o in outcomes[:_OUTCOME_WINDOW] if o.actual_energy_j > 0 and o.energy_j > 0]
+        errors = sorted(abs(o.energy_j / o.actual_energy_j - 1.0) for o in scored)
+        self.error_ratio = _quantile(errors, 0.5) if errors else None
+        inside = [o.energy_j_low <= o.actual_energy_j <= o.energy_j_high for o in scored]
+        self.interval_coverage = sum(inside) / len(inside) if inside else None
+        self.scored_requests = len(scored)
+
+    @staticmethod
+    def _correction(ratios: list[float], band: str) -> ForecastCorrection | None:
+        if len(ratios) < _MIN_OUTCOMES:
+            return None
+        ordered = sorted(ratios)
+        low, high = INTERVAL_QUANTILES
+        return ForecastCorrection(
+            _quantile(ordered, 0.5), _quantile(ordered, low), _quantile(ordered, high), len(ordered), band
+        )
+
+    def correction(self, max_tokens: int, concurrent_requests: float | None = None) -> ForecastCorrection | None:
+        """The correction of outcomes forecast for about this length and batch when there are enough of them,
+        else of this batch at any length; None (the prior) when there are too few. Without a batch: any batch."""
+        if concurrent_requests is None:
+            return self._all
+        batch = batch_band(concurrent_requests)
+        return self._bands.get((length_band(max_tokens), batch)) or self._batches.get(batch)
+
+
+@dataclass(frozen=True)
+class RequestForecast:
+    """Forecast energy and carbon of one client request, before it runs (all its prompts x n).
+
+    ``energy_j`` is the median; ``energy_j_low``/``energy_j_high`` an 80 % interval around it
+    (always ``low <= point <= high``).
+    """
+
+    prompt_tokens: int
+    max_tokens: int
+    parts: int  # engine requests: prompts x n
+    output_tokens: OutputLengthEstimate
+    concurrent_requests: float  # the batch it is expected to share the GPUs with, itself included
+    energy_j: float
+    energy_j_low: float
+    energy_j_high: float
+    seconds: float
+    operational_grams_co2e: float
+    embodied_grams_co2e: float
+    grams_co2e_low: float
+    grams_co2e_high: float
+    grid_intensity_grams_per_kwh: float
+    calibrated: bool
+    raw_energy_j: float = 0.0  # before the learned correction (what the outcomes are compared with)
+    correction: ForecastCorrection | None = None
+    cached_share: float = 0.0  # expected share of the prompt found in the prefix cache
+
+    @property
+    def grams_co2e(self) -> float:
+        return self.operational_grams_co2e + self.embodied_grams_co2e
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "max_tokens": self.max_tokens,
+            "parts": self.parts,
+            "output_tokens": self.output_tokens.expected,
+            "output_tokens_low": self.output_tokens.low,
+            "output_tokens_high": self.output_tokens.high,
+            "output_tokens_source": self.output_tokens.source,
+            "output_tokens_stopped_early_share": self.output_tokens.stopped_early_share,
+            "concurrent_requests": self.concurrent_requests,
+            "cached_share": self.cached_share,
+            "energy_j": self.energy_j,
+            "energy_j_low": self.energy_j_low,
+            "energy_j_high": self.energy_j_high,
+            "raw_energy_j": self.raw_energy_j,
+            "correction_ratio": self.correction.ratio if self.correction else None,
+            "correction_samples": self.correction.samples if self.correction else 0,
+            "correction_band": self.correction.band if self.correction else None,
+            "seconds": self.seconds,
+            "operational_grams_co2e": self.operational_grams_co2e,
+            "embodied_grams_co2e": self.embodied_grams_co2e,
+            "grams_co2e": self.grams_co2e,
+            "grams_co2e_low": self.grams_co2e_low,
+            "grams_co2e_high": self.grams_co2e_high,
+            "grid_intensity_grams_per_kwh": self.grid_intensity_grams_per_kwh,
+            "calibrated": self.calibrated,
+        }
+
+
+class RequestForecaster:
+    """Forecasts a request on the server's model and hardware under the server's recent batching.
+
+    A request is treated as one of a static batch of like-shaped requests as large as the batch the
+    engine has recently been running (its published mean, or the running count plus this request,
+    whichever is larger) and gets a 1/batch share of that batch's energy and embodied carbon: the
+    marginal cost under load, the same attribution the engine applies later. Prefill is discounted
+    by the prefix-cache hits recent requests had. A ``ForecastLearner`` then corrects the point by
+    what recent outcomes of the same band showed and supplies the measured 80 % interval.
+    """
+
+    def __init__(self, predictor: StepPredictor, num_gpus: int, embodied_grams_per_gpu_second: float, pue: float) -> None:
+        self.predictor = predictor
+        own_range = getattr(predictor, "ratio_range", None)  # the distilled GNN's, from its residuals
+        if isinstance(predictor, AnalyticPredictor) or getattr(predictor, "is_fallback", False):
+            self.uncalibrated_ratio_range = ANALYTIC_RATIO_RANGE
+        else:
+            self.uncalibrated_ratio_range = tuple(own_range) if own_range else OTHER_PREDICTOR_RATIO_RANGE
+        self.num_gpus = num_gpus
+        self.embodied_grams_per_gpu_second = embodied_grams_per_gpu_second
+        self.pue = pue
+
+    def _share(
+        self, batch: float, prompt_tokens: int, output_tokens: int, scales: tuple[float, float], cached_share: float
+    ) -> tuple[float, float]:
+        """(energy J, seconds) of one request in a batch of ``batch`` (fractional: interpolated)."""
+        whole = max(1, int(batch))
+        energy_j, seconds = self._whole_share(whole, prompt_tokens, output_tokens, scales, cached_share)
+        fraction = batch - whole
+        if fraction > 1e-6:
+            next_energy_j, next_seconds = self._whole_share(whole + 1, prompt_tokens, output_tokens, scales, cached_share)
+            energy_j += (next_energy_j - energy_j) * fraction
+            seconds += (next_seconds - seconds) * fraction
+        return energy_j, seconds
+
+    def _whole_share(
+        self, batch: int, prompt_tokens: int, output_tokens: int, scales: tuple[float, float], cached_share: float
+    ) -> tuple[float, float]:
+        forecast = forecast_static_batch(self.predictor, batch, prompt_tokens, output_tokens)
+        # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
+        energy_j = (forecast.prefill_j * (1.0 - cached_share) * scales[0] + forecast.decode_j * scales[1]) / batch
+        return energy_j, forecast.seconds
+
+    def forecast(
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        grams_co2e_per_kwh: float,
+        parts: int = 1,
+        running_requests: int = 0,
+        recent_outputs: list[tuple[int, int | None]] | None = None,
+        scales: tuple[float, float] = (1.0, 1.0),
+        relative_error: float | None = None,
+        mean_running_requests: float | None = None,
+        learner: ForecastLearner | None = None,
+    ) -> RequestForecast:
+        """``relative_error``: the calibrated model's measured error ratio; None = not calibrated yet.
+
+        ``mean_running_requests``: the engine's recent mean running batch; ``learner``: what recent
+        outcomes taught (output lengths, prefix-cache hits, correction), else ``recent_outputs`` only.
+
+        The interval: with a learned correction, its measured 10-90 % ratios; before, the
+        output-length range times the model's error range (before calibration the predictor's
+        measured/predicted range on real data, after it ``1 / (1 + e) .. 1 + e``), widened to hold 1.
+        """
+        if prompt_tokens < 1 or max_tokens < 1 or parts < 1:
+            raise ValueError("prompt_tokens, max_tokens and parts must each be at least 1")
+        history = learner.output_history if learner is not None else (recent_outputs or [])
+        outputs = estimate_output_tokens(max_tokens, history)
+        cached_share = learner.cached_share if learner is not None else 0.0
+        batch = float(running_requests + parts)
+        if mean_running_requests is not None and math.isfinite(mean_running_requests):
+            batch = max(batch, float(mean_running_requests))
+        expected = self._share(batch, prompt_tokens, outputs.expected, scales, cached_share)
+        energy_j, seconds = expected
+        grams_per_joule = grams_co2e_per_kwh * self.pue / 3.6e6
+        # Embodied carbon follows the time the GPUs are held, shared by the batch.
+        embodied_per_second = self.embodied_grams_per_gpu_second * self.num_gpus / batch
+
+        def grams(share: tuple[float, float], factor: float) -> float:
+            return parts * factor * (share[0] * grams_per_joule + share[1] * embodied_per_second)
+
+        correction = learner.correction(max_tokens, batch) if learner is not None else None
+        if correction is not None:
+            point, low_factor, high_factor = correction.ratio, correction.ratio_low, correction.ratio_high
+            low = high = expected
+        else:
+            if relative_error is None:
+                ratio_low, ratio_high = self.uncalibrated_ratio_range
+            else:
+                ratio_low, ratio_high = 1.0 / (1.0 + relative_error), 1.0 + relative_error
+            point, low_factor, high_factor = 1.0, min(ratio_low, 1.0), max(ratio_high, 1.0)
+            low = expected if outputs.low == outputs.expected else self._share(batch, prompt_tokens, outputs.low, scales, cached_share)
+            high = (
+                expected if outputs.high == outputs.expected
+                else self._share(batch, prompt_tokens, outputs.high, scales, cached_share)
+            )
+        point_energy_j = energy_j * parts * point
+        point_grams = grams(expected, point)
+        return RequestForecast(
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            parts=parts,
+            output_tokens=outputs,
+            concurrent_requests=batch,
+            energy_j=point_energy_j,
+            # The point is inside its interval by construction; min/max keep it so under rounding.
+            energy_j_low=min(point_energy_j, low[0] * parts * low_factor),
+            energy_j_high=max(point_energy_j, high[0] * parts * high_factor),
+            seconds=seconds * point,
+            operational_grams_co2e=energy_j * parts * point * grams_per_joule,
+            embodied_grams_co2e=seconds * parts * point * embodied_per_second,
+            grams_co2e_low=min(point_grams, grams(low, low_factor)),
+            grams_co2e_high=max(point_grams, grams(high, high_factor)),
+            grid_intensity_grams_per_kwh=grams_co2e_per_kwh,
+            calibrated=relative_error is not None,
+            raw_energy_j=energy_j * parts,
+            correction=correction,
+            cached_share=cached_share,
+        )

@@ -1,0 +1,558 @@
+"""Operator-level roofline costs of one engine step.
+
+A step is cut into *rows*: the prefill part and the decode part of each request (2 rows per
+request). Every operator (the kernels of all layers, aggregated by kind) gets FLOPs and bytes per
+row; its time on the hardware is a roofline (compute or memory bound, whichever is slower) plus
+kernel-launch overhead, and each row's share of the operator is its share of the binding resource.
+This gives the analytic predictor its numbers and every other predictor its attribution weights.
+
+Deliberate simplifications (documented in the README, "What is approximate"):
+- K/V of a request are read once per layer and step (FlashAttention re-reads per query tile; L2
+  absorbs most of it).
+- Logits are computed for one token per scheduled request plus speculative tokens (vLLM computes
+  the last position of every scheduled request and discards non-final prefill chunks).
+- Pipeline-parallel stages run one after another, so step time is that of one TP group holding all
+  layers; all TP x PP GPUs draw power during the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmco2_vllm.predict.hardware import Hardware
+from llmco2_vllm.predict.model_description import DTYPE_BYTES, ModelDescription
+from llmco2_vllm.predict.step_shape import StepShape
+
+
+@dataclass(frozen=True)
+class RooflineAssumptions:
+    """Efficiency and power constants of the analytic model; assumptions, not fits (see README)."""
+
+    compute_efficiency: float = 0.70  # share of dense peak FLOP/s that large GEMMs reach
+    memory_efficiency: float = 0.80  # share of peak HBM bandwidth that streaming kernels reach
+    interconnect_efficiency: float = 0.70
+    kernel_launch_seconds: float = 2.0e-6  # per kernel, with CUDA graphs in decode
+    compute_power_fraction: float = 1.0  # dynamic power of a fully compute-bound kernel, share of (TDP - idle)
+    memory_power_fraction: float = 0.6  # dynamic power of a fully memory-bound kernel, share of (TDP - idle)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Per-operator cost of one step and how it splits over the step's rows.
+
+    Rows ``0..n-1`` are the prefill parts of the step's ``n`` requests, rows ``n..2n-1`` their decode
+    parts. Each op's row quantities are linear in a few row features (``row_features``, one row
+    per feature) with per-op coefficients (``op_coefficients``, ops x features): a row's share of an
+    op is its share of the op's binding resource (FLOPs, bytes or interconnect bytes).
+    """
+
+    op_names: tuple[str, ...]
+    op_flops: np.ndarray  # total over all GPUs
+    op_weight_bytes: np.ndarray
+    op_activation_bytes: np.ndarray
+    op_kv_cache_bytes: np.ndarray
+    op_interconnect_bytes: np.ndarray
+    op_seconds: np.ndarray
+    op_energy_j: np.ndarray
+    op_coefficients: np.ndarray  # (ops, features): the binding resource per unit of each feature
+    row_features: np.ndarray  # (features, rows): tokens, keys, logit rows, K/V bytes, token share
+    num_requests: int
+    # Per-feature weights that distribute op seconds / energy to rows (sum over ops of value/total x
+    # coefficient), and what ops with no binding work leave to split by token share.
+    seconds_per_feature: np.ndarray
+    energy_per_feature: np.ndarray
+    orphan_seconds: float = 0.0
+    orphan_energy_j: float = 0.0
+
+    @property
+    def flops(self) -> float:
+        return float(self.op_flops.sum())
+
+    @property
+    def weight_bytes(self) -> float:
+        return float(self.op_weight_bytes.sum())
+
+    @property
+    def kv_cache_bytes(self) -> float:
+        return float(self.op_kv_cache_bytes.sum())
+
+    @property
+    def seconds(self) -> float:
+        return float(self.op_seconds.sum())
+
+    @property
+    def energy_j(self) -> float:
+        return float(self.op_energy_j.sum())
+
+    def row_seconds(self) -> np.ndarray:
+        return self.seconds_per_feature @ self.row_features + self.orphan_seconds * self.row_features[-1]
+
+    def row_energy_j(self) -> np.ndarray:
+        return self.energy_per_feature @ self.row_features + self.orphan_energy_j * self.row_features[-1]
+
+    @property
+    def row_share(self) -> np.ndarray:
+        """(ops, rows) share matrix; each op's shares sum to 1 (for inspection and tests)."""
+        per_op_rows = self.op_coefficients[:, :, None] * self.row_features[None, :, :]
+        binding = per_op_rows.sum(axis=1)
+        sums = binding.sum(axis=1, keepdims=True)
+        return np.where(sums > 0, binding / np.where(sums > 0, sums, 1.0), self.row_features[-1])
+
+
+def _sliding_keys(context: np.ndarray, tokens: np.ndarray, window: int | None) -> np.ndarray:
+    """Sum over the step's query tokens of the number of keys each attends to (causal, optional window)."""
+
+    def keys_up_to(n: np.ndarray) -> np.ndarray:
+        n = n.astype(np.float64)
+        if window is None:
+            return n * (n + 1) / 2
+        w = float(window)
+        return np.where(n <= w, n * (n + 1) / 2, w * (w + 1) / 2 + w * (n - w))
+
+    return keys_up_to(context + tokens) - keys_up_to(context)
+
+
+class Roofline:
+    """Per-operator coefficients of one (model, hardware) pair, computed once.
+
+    Every operator's FLOPs and bytes are linear in a few per-row quantities (tokens, attention
+    keys, K/V tokens read, logit rows), so the operator loop runs on the step's sums in plain
+    floats. ``cost`` keeps every per-operator number (inspection, the GNN's graph features);
+    ``predict_phases`` gives only what a step prediction needs, in a few array operations: the
+    plugin's worker calls it once per engine step.
+    """
+
+    def __init__(
+        self,
+        model: ModelDescription,
+        hardware: Hardware,
+        assumptions: RooflineAssumptions = RooflineAssumptions(),
+        pipeline_parallel: int = 1,
+    ) -> None:
+        self.model = model
+        self.hardware = hardware
+        self.assumptions = assumptions
+        h = model.hidden_size
+        layers = model.num_layers
+        wb = model.weight_bytes_per_param
+        ab = model.activation_bytes
+        heads = model.num_attention_heads
+        tp = hardware.tensor_parallel
+        self.tensor_parallel = tp
+        self.gpus = tp * pipeline_parallel
+
+        v_dim = model.v_head_dim if model.is_mla else model.head_dim
+        rope_width = (heads + (0 if model.is_mla else model.num_kv_heads)) * (
+            model.qk_rope_head_dim if model.is_mla else model.head_dim
+        )
+        o_params = heads * v_dim * h
+        qkv_params = model.attention_params_per_layer - o_params
+        if model.is_mla:
+            flops_per_pair = 2 * heads * (2 * model.kv_lora_rank + model.qk_rope_head_dim)
+            qo_width = heads * (model.kv_lora_rank + model.qk_rope_head_dim) + heads * model.kv_lora_rank
+        else:
+            flops_per_pair = 4 * heads * model.head_dim
+            qo_width = 2 * heads * model.head_dim
+
+        # name: (flops/token, flops/key, flops/logit row, weight bytes, act bytes/token, act bytes/logit row,
+        #        interconnect bytes/token, launches)
+        ops: list[tuple[str, float, float, float, float, float, float, float, float]] = [
+            ("embedding", 0, 0, 0, 0, 2 * h * ab, 0, 0, 1),
+            ("norms_residual_rope", 0, 0, 0, 0, layers * ab * (10 * h + 2 * rope_width), 0, 0, 5 * layers),
+            ("qkv_projection", 2 * qkv_params * layers, 0, 0, qkv_params * wb * layers,
+             (h + qkv_params / h) * ab * layers, 0, 0, layers),
+            ("attention", 0, flops_per_pair, 0, 0, qo_width * ab * layers, 0, 0, layers),
+            ("output_projection", 2 * o_params * layers, 0, 0, o_params * wb * layers,
+             (heads * v_dim + h) * ab * layers, 0, 0, layers),
+        ]  # fmt: skip
+        dense_layers = model.num_dense_layers
+        if dense_layers and model.dense_mlp_params_per_layer:
+            width = model.intermediate_size
+            params = model.dense_mlp_params_per_layer
+            ops.append(("mlp", 2 * params * dense_layers, 0, 0, params * wb * dense_layers,
+                        (2 * h + 4 * width) * ab * dense_layers, 0, 0, 3 * dense_layers))  # fmt: skip
+        moe_layers = model.num_moe_layers
+        self.moe_index = -1
+        if moe_layers:
+            experts = model.num_experts
+            width = model.experts_per_token * model.moe_intermediate_size + model.shared_expert_intermediate_size
+            per_token_params = model.experts_per_token * model.expert_params + model.shared_expert_params_per_layer
+            router = model.router_params_per_layer
+            ops.append(("moe_router", 2 * router * moe_layers, 0, 0, router * wb * moe_layers,
+                        (h + experts) * ab * moe_layers, 0, 0, 2 * moe_layers))  # fmt: skip
+            self.moe_index = len(ops)
+            # Weight bytes depend on how many distinct experts the step touches: set per step.
+            ops.append(("moe_experts", 2 * per_token_params * moe_layers, 0, 0, 0,
+                        (2 * h + 4 * width) * ab * moe_layers, 0, 0, 4 * moe_layers))  # fmt: skip
+        lm_head_params = h * model.vocab_size
+        ops.append(("lm_head", 0, 0, 2 * lm_head_params, lm_head_params * wb, 0, h * ab + model.vocab_size * 4, 0, 1))
+        if tp > 1:
+            # Two all-reduces per layer of the residual stream; a ring moves 2(tp-1)/tp of it per GPU.
+            ops.append(("tensor_parallel_all_reduce", 0, 0, 0, 0, 0, 0, 2 * layers * h * ab * 2 * (tp - 1), 2 * layers))
+
+        table = np.array([op[1:] for op in ops], dtype=np.float64)
+        self.op_names = tuple(op[0] for op in ops)
+        (self.flops_per_token, self.flops_per_key, self.flops_per_logit, self.weight_bytes,
+         self.act_per_token, self.act_per_logit, self.link_per_token, self.launches) = table.T  # fmt: skip
+        self.attention_mask = np.array([name == "attention" for name in self.op_names], dtype=np.float64)
+        # The step loop runs over ~10 ops: plain floats are several times faster than numpy there.
+        self._op_rows = [tuple(float(v) for v in row) for row in table]
+        self._attention_index = self.op_names.index("attention")
+
+        gpu = hardware.gpu
+        self.peak_flops = gpu.peak_flops(_compute_dtype(model)) * assumptions.compute_efficiency
+        self.bandwidth = gpu.memory_bandwidth_bytes_per_second * assumptions.memory_efficiency
+        self.link = max(gpu.interconnect_bytes_per_second, 1.0) * assumptions.interconnect_efficiency
+        self.idle_watts = gpu.idle_watts_or_default()
+        self.dynamic_watts = max(gpu.tdp_watts - self.idle_watts, 0.0)
+
+        # The per-step fast path (``predict_phases``): each op's constants with the very divisors
+        # ``_op_cost`` uses, so both paths take the same roofline branch for the same sums.
+        launch = assumptions.kernel_launch_seconds
+        self._fast_ops = [
+            (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches * launch,
+             index == self._attention_index, index == self.moe_index)
+            for index, (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches) in enumerate(self._op_rows)
+        ]  # fmt: skip
+        self._compute_divisor = tp * self.peak_flops
+        self._memory_divisor = tp * self.bandwidth
+        self._link_divisor = tp * self.link
+        self._kv_bytes = float(model.kv_cache_bytes_per_token_per_layer)
+        self._sliding_layers = model.num_sliding_window_layers
+        self._full_layers = model.num_layers - self._sliding_layers
+        self._window = int(model.sliding_window or 0)
+
+    def _moe_weight_bytes(self, total_tokens: float) -> float:
+        """Expert weights a step reads: the expected distinct experts its tokens route to (uniform routing)."""
+        model = self.model
+        if self.moe_index < 0 or not total_tokens:
+            return 0.0
+        experts, k = model.num_experts, model.experts_per_token
+        touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens)
+        return (
+            (touched * model.expert_params + model.shared_expert_params_per_layer)
+            * model.weight_bytes_per_param
+            * model.num_moe_layers
+        )
+
+    def _op_cost(
+        self, index: int, row: tuple, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float, moe_bytes: float
+    ) -> tuple[float, ...]:
+        """One operator's totals, roofline times, seconds and energy for a step with these sums."""
+        f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches = row
+        a, tp = self.assumptions, self.tensor_parallel
+        if not total_tokens:
+            weight = 0.0  # an empty step reads nothing
+        elif index == self.moe_index:
+            weight = moe_bytes
+        flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
+        activation = a_tok * total_tokens + a_logit * logit_sum
+        kv = kv_sum if index == self._attention_index else 0.0
+        link = l_tok * total_tokens
+        compute_seconds = flops / (tp * self.peak_flops)
+        memory_seconds = (activation + kv + weight) / (tp * self.bandwidth)
+        link_seconds = link / (tp * self.link)
+        transfer_seconds = max(memory_seconds, link_seconds)
+        seconds = max(compute_seconds, transfer_seconds) + (launches * a.kernel_launch_seconds if total_tokens else 0.0)
+        activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * transfer_seconds
+        dynamic_fraction = min(1.0, activity / seconds) if seconds > 0 else 0.0
+        energy = self.gpus * seconds * (self.idle_watts + self.dynamic_watts * dynamic_fraction)
+        return flops, weight, activation, kv, link, compute_seconds, memory_seconds, link_seconds, seconds, energy
+
+    def step_totals(self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float) -> tuple[float, float]:
+        """(seconds, energy_j) of a step from its sums alone: no per-row split, plain floats (fast)."""
+        moe_bytes = self._moe_weight_bytes(total_tokens)
+        seconds = energy = 0.0
+        for index, row in enumerate(self._op_rows):
+            cost = self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, moe_bytes)
+            seconds += cost[8]
+            energy += cost[9]
+        return seconds, energy
+
+    def _attended(self, context: float, tokens: float) -> tuple[float, float]:
+        """(keys attended, K/V tokens read) per request over all layers, for ``tokens`` new tokens after ``context``."""
+        model = self.model
+        sliding = model.num_sliding_window_layers
+        full = model.num_layers - sliding
+        keys = full * (tokens * context + tokens * (tokens + 1) / 2)
+        kv_read = full * (context + tokens)
+        if sliding:
+            window = float(model.sliding_window or 0)
+
+            def up_to(n: float) -> float:
+                return n * (n + 1) / 2 if n <= window else window * (window + 1) / 2 + window * (n - window)
+
+            keys += sliding * (up_to(context + tokens) - up_to(context))
+            kv_read += sliding * min(context + tokens, window + tokens - 1)
+        return keys, kv_read
+
+    def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
+        """(prefill_seconds, prefill_j, decode_seconds, decode_j) of a static batch, in a few float evaluations.
+
+        Decode step cost is piecewise linear in the context (affine terms inside max/min); the sum
+        over the O-1 decode steps uses the trapezoid rule between the end contexts, split at the
+        sliding-window edge where the key count stops growing. Exact where no operator changes its
+        binding resource inside the range; tests bound the error elsewhere against step-by-step sums.
+        """
+        kv_bytes = self.model.kv_cache_bytes_per_token_per_layer
+        layers = self.model.num_layers
+        b = float(batch_size)
+        keys, kv_read = self._attended(0.0, float(prompt_tokens))
+        prefill_seconds, prefill_j = self.step_totals(
+            b * prompt_tokens, b * keys, b, b * (kv_read + layers * prompt_tokens) * kv_bytes
+        )
+
+        def decode_step(context: float) -> tuple[float, float]:
+            keys, kv_read = self._attended(context, 1.0)
+            return self.step_totals(b, b * keys, b, b * (kv_read + layers) * kv_bytes)
+
+        steps = output_tokens - 1
+        if steps <= 0:
+            return prefill_seconds, prefill_j, 0.0, 0.0
+        first, last = float(prompt_tokens), float(prompt_tokens + steps - 1)
+        edges = [first]
+        if self.model.num_sliding_window_layers and self.model.sliding_window:
+            edge = float(self.model.sliding_window - 1)  # last context whose query still sees every key
+            if first < edge < last:
+                edges += [edge, edge + 1]
+        edges.append(last)
+        decode_seconds = decode_j = 0.0
+        for start, end in zip(edges[0::2], edges[1::2]):
+            count = end - start + 1
+            (s0, e0), (s1, e1) = decode_step(start), decode_step(end)
+            decode_seconds += count * (s0 + s1) / 2
+            decode_j += count * (e0 + e1) / 2
+        return prefill_seconds, prefill_j, decode_seconds, decode_j
+
+    def predict_phases(self, step: StepShape) -> tuple[float, float, float, float, np.ndarray, np.ndarray]:
+        """(prefill_seconds, decode_seconds, prefill_j, decode_j, prefill weights, decode weights) of a step.
+
+        The same numbers as ``prediction_from_cost(self.cost(step))`` (to float rounding; the tests
+        compare them), in a few array operations: every row feature of ``cost`` is linear in
+        the basis t, t*c, t^2, logit rows, c*(t>0) (plus two sliding-window terms), t and c being a
+        row's tokens and context. So the step's sums, the phase totals and the per-row energies
+        are a (basis x 2 phases) sum and two small dot products; the per-op arithmetic runs once
+        on those sums in plain floats. This is the plugin worker's per-step path.
+        """
+        n = len(step.request_ids)
+        prefill, decode = step.prefill_tokens, step.decode_tokens
+        sliding = self._sliding_layers
+        rows = 7 if sliding else 5
+        basis = np.empty((rows, 2 * n))
+        tokens, context = basis[0], basis[1]
+        tokens[:n] = prefill
+        tokens[n:] = decode
+        context[:n] = step.context_tokens
+        np.add(context[:n], tokens[:n], out=context[n:])  # decode rows follow the step's prefill
+        np.multiply(tokens, context, out=basis[2])
+        np.multiply(tokens, tokens, out=basis[3])
+        np.logical_and(prefill, decode == 0, out=basis[4, :n])  # one logit row per request: its last position
+        basis[4, n:] = decode
+        working = np.minimum(tokens, 1.0)  # 1 where the row computes anything, else 0
+        if sliding:
+            window = self._window
+            basis[5] = _sliding_keys(context, tokens, window)
+            np.multiply(np.minimum(context + tokens, window + tokens - 1), working, out=basis[6])
+        np.multiply(context, working, out=context)  # row 1 becomes c*(t>0)
+        phase_sums = basis.reshape(rows, 2, n).sum(axis=2)  # (basis, phase)
+        sums = phase_sums.tolist()
+
+        full = self._full_layers
+        layers = full + sliding
+        kv_bytes = self._kv_bytes
+        total_tokens = sums[0][0] + sums[0][1]
+        token_pairs = sums[2][0] + sums[2][1]
+        token_squares = sums[3][0] + sums[3][1]
+        logit_sum = sums[4][0] + sums[4][1]
+        context_sum = sums[1][0] + sums[1][1]
+        key_sum = full * (token_pairs + (token_squares + total_tokens) / 2)
+        kv_tokens = full * (context_sum + total_tokens) + layers * total_tokens
+        if sliding:
+            key_sum += sliding * (sums[5][0] + sums[5][1])
+            kv_tokens += sliding * (sums[6][0] + sums[6][1])
+        kv_sum = kv_tokens * kv_bytes
+        seconds_weights, energy_weights, orphan_seconds, orphan_energy = self._feature_weights(
+            total_tokens, key_sum, logit_sum, kv_sum
+        )
+
+        def basis_weights(feature: list[float], orphan: float) -> list[float]:
+            f_tokens, f_keys, f_logits, f_kv, f_share = feature
+            share = (f_share + orphan) / total_tokens if total_tokens else 0.0
+            weights = [
+                f_tokens + f_keys * full / 2 + f_kv * kv_bytes * (full + layers) + share,
+                f_kv * kv_bytes * full,
+                f_keys * full,
+                f_keys * full / 2,
+                f_logits,
+            ]
+            if sliding:
+                weights += [f_keys * sliding, f_kv * kv_bytes * sliding]
+            return weights
+
+        weights = np.array([basis_weights(seconds_weights, orphan_seconds), basis_weights(energy_weights, orphan_energy)])
+        (prefill_seconds, decode_seconds), (prefill_j, decode_j) = (weights @ phase_sums).tolist()
+        row_energy = weights[1] @ basis
+        prefill_weights = row_energy[:n] / prefill_j if prefill_j > 0 else np.zeros(n)
+        decode_weights = row_energy[n:] / decode_j if decode_j > 0 else np.zeros(n)
+        return prefill_seconds, decode_seconds, prefill_j, decode_j, prefill_weights, decode_weights
+
+    def _feature_weights(
+        self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float
+    ) -> tuple[list[float], list[float], float, float]:
+        """Per-feature seconds and energy weights of ``StepCost`` (seconds_per_feature, ...) from a
+        step's sums: the operator loop of ``cost`` in plain floats, without the per-op arrays."""
+        if not total_tokens:  # an empty step reads and computes nothing: every op costs 0
+            return [0.0] * 5, [0.0] * 5, 0.0, 0.0
+        a = self.assumptions
+        compute_divisor, memory_divisor, link_divisor = self._compute_divisor, self._memory_divisor, self._link_divisor
+        compute_fraction, memory_fraction = a.compute_power_fraction, a.memory_power_fraction
+        gpus, idle_watts, dynamic_watts = self.gpus, self.idle_watts, self.dynamic_watts
+        moe_bytes = self._moe_weight_bytes(total_tokens)
+        s_tok = s_key = s_logit = s_kv = s_share = 0.0
+        e_tok = e_key = e_logit = e_kv = e_share = 0.0
+        orphan_seconds = orphan_energy = 0.0
+        for f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launch_seconds, is_attention, is_moe in self._fast_ops:
+            if is_moe:
+                weight = moe_bytes
+            flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
+            activation = a_tok * total_tokens + a_logit * logit_sum
+            kv = kv_sum if is_attention else 0.0
+            link = l_tok * total_tokens
+            compute_seconds = flops / compute_divisor
+            memory_seconds = (activation + kv + weight) / memory_divisor
+            link_seconds = link / link_divisor
+            transfer_seconds = max(memory_seconds, link_seconds)
+            seconds = max(compute_seconds, transfer_seconds) + launch_seconds
+            activity = compute_fraction * compute_seconds + memory_fraction * transfer_seconds
+            dynamic_fraction = min(1.0, activity / seconds) if seconds > 0 else 0.0
+            energy = gpus * seconds * (idle_watts + dynamic_watts * dynamic_fraction)
+            # A row's share of the op is its share of the op's binding resource (as in ``cost``).
+            if compute_seconds >= transfer_seconds:
+                if flops > 0:
+                    s, e = seconds / flops, energy / flops
+                    s_tok += s * f_tok
+                    s_key += s * f_key
+                    s_logit += s * f_logit
+                    e_tok += e * f_tok
+                    e_key += e * f_key
+                    e_logit += e * f_logit
+                    continue
+            elif link_seconds > memory_seconds:
+                if link > 0:
+                    s, e = seconds / link, energy / link
+                    s_tok += s * l_tok
+                    e_tok += e * l_tok
+                    continue
+            else:
+                moved = activation + kv + weight
+                if moved > 0:
+                    s, e = seconds / moved, energy / moved
+                    s_tok += s * a_tok
+                    s_logit += s * a_logit
+                    e_tok += e * a_tok
+                    e_logit += e * a_logit
+                    if kv:
+                        s_kv += s
+                        e_kv += e
+                    s_share += s * weight
+                    e_share += e * weight
+                    continue
+            orphan_seconds += seconds
+            orphan_energy += energy
+        return [s_tok, s_key, s_logit, s_kv, s_share], [e_tok, e_key, e_logit, e_kv, e_share], orphan_seconds, orphan_energy
+
+    def cost(self, step: StepShape) -> StepCost:
+        model = self.model
+        n = step.num_requests
+        prefill, decode = step.prefill_tokens, step.decode_tokens
+        tokens = np.concatenate([prefill, decode]).astype(np.float64)
+        context = np.concatenate([step.context_tokens, step.context_tokens + prefill]).astype(np.float64)
+        total_tokens = float(tokens.sum())
+        # One logit row per scheduled request (its last position) plus every speculative position.
+        logits = np.concatenate([((prefill > 0) & (decode == 0)).astype(np.float64), decode.astype(np.float64)])
+        layers = model.num_layers
+        sliding_layers = model.num_sliding_window_layers
+        full_layers = layers - sliding_layers
+        keys = full_layers * _sliding_keys(context, tokens, None)
+        kv_read_tokens = full_layers * (context + tokens)
+        if sliding_layers:
+            window = int(model.sliding_window or 0)
+            keys = keys + sliding_layers * _sliding_keys(context, tokens, window)
+            # The window includes the query itself: a chunk of T tokens reads at most w + T - 1 keys.
+            kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens - 1)
+        kv_row = (kv_read_tokens + layers * tokens) * (model.kv_cache_bytes_per_token_per_layer * (tokens > 0))
+        token_share = tokens / total_tokens if total_tokens else np.zeros_like(tokens)
+        key_sum, logit_sum, kv_sum = float(keys.sum()), float(logits.sum()), float(kv_row.sum())
+
+        moe_weight_bytes = self._moe_weight_bytes(total_tokens)
+
+        columns: list[list[float]] = [[] for _ in range(6)]  # flops, weight, act, kv, link, seconds
+        energies: list[float] = []
+        coefficients: list[tuple[float, float, float, float, float]] = []
+        seconds_per_feature = [0.0] * 5
+        energy_per_feature = [0.0] * 5
+        orphan_seconds = orphan_energy = 0.0
+        for index, row in enumerate(self._op_rows):
+            f_tok, f_key, f_logit, _, a_tok, a_logit, l_tok, _ = row
+            flops, weight, activation, kv, link, compute_seconds, memory_seconds, link_seconds, seconds, energy = (
+                self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, moe_weight_bytes)
+            )
+            moved = activation + kv + weight
+            transfer_seconds = max(memory_seconds, link_seconds)
+            # A row's share of the op is its share of the op's binding resource.
+            if compute_seconds >= transfer_seconds:
+                coefficient, total = (f_tok, f_key, f_logit, 0.0, 0.0), flops
+            elif link_seconds > memory_seconds:
+                coefficient, total = (l_tok, 0.0, 0.0, 0.0, 0.0), link
+            else:
+                coefficient, total = (a_tok, 0.0, a_logit, 1.0 if kv else 0.0, weight), moved
+            if total > 0:
+                for feature in range(5):
+                    seconds_per_feature[feature] += seconds / total * coefficient[feature]
+                    energy_per_feature[feature] += energy / total * coefficient[feature]
+            else:
+                orphan_seconds += seconds
+                orphan_energy += energy
+            for column, value in zip(columns, (flops, weight, activation, kv, link, seconds)):
+                column.append(value)
+            energies.append(energy)
+            coefficients.append(coefficient)
+
+        return StepCost(
+            op_names=self.op_names,
+            op_flops=np.array(columns[0]),
+            op_weight_bytes=np.array(columns[1]),
+            op_activation_bytes=np.array(columns[2]),
+            op_kv_cache_bytes=np.array(columns[3]),
+            op_interconnect_bytes=np.array(columns[4]),
+            op_seconds=np.array(columns[5]),
+            op_energy_j=np.array(energies),
+            op_coefficients=np.array(coefficients),
+            row_features=np.stack([tokens, keys, logits, kv_row, token_share]),
+            num_requests=n,
+            seconds_per_feature=np.array(seconds_per_feature),
+            energy_per_feature=np.array(energy_per_feature),
+            orphan_seconds=orphan_seconds,
+            orphan_energy_j=orphan_energy,
+        )
+
+
+def step_cost(
+    model: ModelDescription,
+    hardware: Hardware,
+    step: StepShape,
+    assumptions: RooflineAssumptions = RooflineAssumptions(),
+    pipeline_parallel: int = 1,
+) -> StepCost:
+    """Roofline cost of one engine step of ``model`` on ``hardware`` (builds a ``Roofline`` each call)."""
+    return Roofline(model, hardware, assumptions, pipeline_parallel).cost(step)
+
+
+def _compute_dtype(model: ModelDescription) -> str:
+    """The tensor-core precision the GEMMs run in: fp8 weights run fp8 GEMMs; int4/fp4 weight-only
+    kernels dequantise to the activation dtype except fp4 on GPUs with fp4 units (handled by the fallback chain)."""
+    if model.weight_dtype in ("fp8", "fp4"):
+        return model.weight_dtype
+    return model.activation_dtype if model.activation_dtype in DTYPE_BYTES else "bf16"
