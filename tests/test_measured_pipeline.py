@@ -8,20 +8,25 @@ the calibrated energy must match the measured one and the scales must approach 1
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmco2_vllm.accounting.pipeline import EnginePipeline
 from llmco2_vllm.carbon.intensity import lookup_region
 from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
+from llmco2_vllm.measure.energy_meter import EnergyMeter
+from llmco2_vllm.plugin.entry_points import engine_gpu_indices
 from llmco2_vllm.plugin.scheduler_hook import StepRecorder, compact_step
 from llmco2_vllm.predict.calibration import OnlineCalibrator
 from llmco2_vllm.predict.hardware import Hardware, find_gpu
 from llmco2_vllm.predict.model_description import load_model
 from llmco2_vllm.predict.predictor import AnalyticPredictor
 from llmco2_vllm.settings import Settings
+from tests.support.fake_nvml import FakeGpu, FakeNvml
 
 TRUE_SCALE = 1.3
 IDLE_WATTS = 100.0
@@ -126,3 +131,81 @@ def test_without_meter_nothing_is_measured():
     # Idle energy is reported separately, predicted from the prior idle power.
     assert metric_sum(samples, "llmco2_energy_joules_total", phase="idle", source="predicted") >= 0
     assert metric_sum(samples, "llmco2_calibration_windows") == 0
+
+
+# -- per-GPU measured energy (issue 16) --------------------------------------------------------
+
+def _gpu_series(pipeline: EnginePipeline, name: str) -> dict[tuple[str, str], float]:
+    families = {family.name: family for family in text_string_to_metric_families(generate_latest(pipeline.registry).decode())}
+    family = families.get(name)
+    if family is None:
+        return {}
+    return {
+        (sample.labels["gpu_uuid"], sample.labels["gpu_index"]): sample.value
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def test_per_gpu_energy_equals_nvml_counters_and_survives_a_reset(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus = [FakeGpu(uuid="GPU-aaaa"), FakeGpu(uuid="GPU-bbbb")]
+    for gpu in gpus:
+        gpu.counter_mj = 5_000_000  # counts since driver load, before the meter started
+    meter = EnergyMeter(gpu_indices=[1], pynvml_module=FakeNvml(gpus))
+    pipeline = make_pipeline(meter)
+    assert _gpu_series(pipeline, "llmco2_gpu_energy_joules") == {("GPU-bbbb", "1"): 0.0}
+    expected_j = 0.0
+    for step_mj in (1500, 250_000, 7):
+        gpus[1].counter_mj += step_mj
+        gpus[0].counter_mj += 999_999  # not this engine's GPU
+        expected_j += step_mj / 1000
+        pipeline.close_window()
+        assert _gpu_series(pipeline, "llmco2_gpu_energy_joules") == {("GPU-bbbb", "1"): pytest.approx(expected_j)}
+    gpus[1].counter_mj = 2000  # driver reload: the counter restarts from zero
+    pipeline.close_window()
+    expected_j += 2.0
+    energy = _gpu_series(pipeline, "llmco2_gpu_energy_joules")
+    assert energy == {("GPU-bbbb", "1"): pytest.approx(expected_j)}
+    assert set(_gpu_series(pipeline, "llmco2_gpu_power_watts")) == {("GPU-bbbb", "1")}
+    pipeline.close()
+
+
+def test_per_gpu_series_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    gpus = [FakeGpu(uuid="GPU-aaaa"), FakeGpu(uuid="GPU-bbbb")]
+    meter = EnergyMeter(gpu_indices=[1], pynvml_module=FakeNvml(gpus))  # ordinal 1 = NVML GPU 0
+    pipeline = make_pipeline(meter)
+    gpus[0].counter_mj += 3000
+    pipeline.close_window()
+    assert _gpu_series(pipeline, "llmco2_gpu_energy_joules") == {("GPU-aaaa", "0"): pytest.approx(3.0)}
+    pipeline.close()
+
+
+def test_no_per_gpu_series_without_a_meter():
+    pipeline = make_pipeline(None)
+    pipeline.close_window()
+    assert _gpu_series(pipeline, "llmco2_gpu_energy_joules") == {}
+    assert _gpu_series(pipeline, "llmco2_gpu_power_watts") == {}
+
+
+def test_data_parallel_engines_meter_their_own_gpus(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus = [FakeGpu(uuid=f"GPU-{i}") for i in range(4)]
+    metered = {}
+    for rank in (0, 1):
+        indices = engine_gpu_indices(2, rank)
+        meter = EnergyMeter(gpu_indices=list(indices), pynvml_module=FakeNvml(gpus))
+        metered[rank] = [(device.index, device.uuid) for device in meter.devices]
+        meter.close()
+    assert metered == {0: [(0, "GPU-0"), (1, "GPU-1")], 1: [(2, "GPU-2"), (3, "GPU-3")]}
+
+
+def test_dashboard_queries_the_exported_per_gpu_series(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pipeline = make_pipeline(EnergyMeter(gpu_indices=[0], pynvml_module=FakeNvml([FakeGpu(uuid="GPU-aaaa")])))
+    exported = {name for name, _ in parse_metrics(generate_latest(pipeline.registry).decode())}
+    dashboard = (Path(__file__).parents[1] / "deploy/grafana/llmco2-dashboard.json").read_text()
+    assert "llmco2_gpu_energy_joules_total{" in dashboard
+    assert "llmco2_gpu_energy_joules_total" in exported
+    pipeline.close()

@@ -83,6 +83,11 @@ def rows() -> list[Row]:
                 Query(f'sum by (source) (instance_model_phase_source:llmco2_energy_joules:rate5m{{{REPLICA}}})', "{{source}}"),
             ], "All phases together, one line per source: predicted (analytic model), calibrated (online fit "
                "against NVML), measured (NVML; only on GPU hosts). The gap between lines is the prediction error."),
+            Panel("Measured power per GPU", WATTS, [
+                Query(f'sum by (instance, gpu_index, gpu_uuid) (rate(llmco2_gpu_energy_joules_total{{{REPLICA}}}[{RATE}]))',
+                      "{{instance}} GPU {{gpu_index}} {{gpu_uuid}}"),
+            ], "Each GPU's measured energy rate (NVML counter, J/s = W); labels join with DCGM and Kepler on gpu_uuid. "
+               "Only on GPU hosts with NVML."),
             Panel("Energy per 1k output tokens", JOULES, [
                 Query(f'1000 * sum by (source) (instance_model_phase_source:llmco2_energy_joules:rate5m{{{REPLICA}}})'
                       f' / on () group_left () sum(instance_model:vllm_generation_tokens:rate5m{{{REPLICA}}})', "{{source}}"),

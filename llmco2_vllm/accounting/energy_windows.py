@@ -30,6 +30,16 @@ class Calibrator(Protocol):
 
 
 @dataclass(frozen=True)
+class GpuWindowEnergy:
+    """One metered GPU at a window's close: its total since the meter started, and the window's share."""
+
+    index: int  # NVML index
+    uuid: str  # NVML UUID, "GPU-..."
+    total_j: float  # never decreases
+    window_j: float
+
+
+@dataclass(frozen=True)
 class WindowResult:
     seconds: float
     idle_seconds: float
@@ -44,6 +54,8 @@ class WindowResult:
     # meter keeps its last good value through them, so the energy shifts into a later window: that
     # window and the next are not learned from, although their measured energy is still exported.
     meter_incidents: int = 0
+    # Per GPU, for meters that read GPUs one by one (``EnergyMeter.gpu_totals``); empty otherwise.
+    gpus: tuple[GpuWindowEnergy, ...] = ()
 
 
 class WindowAccountant:
@@ -63,7 +75,9 @@ class WindowAccountant:
         self.window_seconds = window_seconds
         self.clock = clock
         self._started = clock()
-        self._meter_start = self.meter.total_energy_j() if self.meter else 0.0
+        self._gpu_start_j: dict[tuple[int, str], float] = {}
+        self._meter_start = self._read_meter()[0] if self.meter else 0.0
+        self.metered_gpus: tuple[tuple[int, str], ...] = tuple(self._gpu_start_j)  # (NVML index, UUID)
         self._incidents_seen = _meter_incidents(self.meter)
         self._previous_window_disturbed = False
         self._prefill_j = self._decode_j = self._busy_seconds = 0.0
@@ -88,8 +102,9 @@ class WindowAccountant:
         measured = split = None
         learned = False
         new_incidents = 0
+        gpus: tuple[GpuWindowEnergy, ...] = ()
         if self.meter is not None:
-            total = self.meter.total_energy_j()
+            total, gpus = self._read_meter()
             measured = max(total - self._meter_start, 0.0)
             self._meter_start = total
             parts = sum(calibrated)
@@ -121,7 +136,22 @@ class WindowAccountant:
             measured_split_j=split,
             learned=learned,
             meter_incidents=new_incidents,
+            gpus=gpus,
         )
+
+    def _read_meter(self) -> tuple[float, tuple[GpuWindowEnergy, ...]]:
+        """(total energy, per-GPU energies) with one read of each GPU: a read costs milliseconds."""
+        assert self.meter is not None
+        read_gpus = getattr(self.meter, "gpu_totals", None)
+        if read_gpus is None:
+            return self.meter.total_energy_j(), ()
+        gpus = []
+        for gpu in read_gpus():
+            key = (gpu.index, gpu.uuid)
+            start_j = self._gpu_start_j.get(key, gpu.energy_j)
+            self._gpu_start_j[key] = gpu.energy_j
+            gpus.append(GpuWindowEnergy(gpu.index, gpu.uuid, gpu.energy_j, max(gpu.energy_j - start_j, 0.0)))
+        return sum(gpu.total_j for gpu in gpus), tuple(gpus)
 
 
 def _meter_incidents(meter: Meter | None) -> int:

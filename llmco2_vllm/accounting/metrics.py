@@ -151,6 +151,21 @@ class PluginMetrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        # Per GPU, only where a meter reads the GPUs; gpu_uuid/gpu_index join with DCGM and Kepler (README "Metrics").
+        self.gpu_energy = Counter(
+            "llmco2_gpu_energy_joules",
+            "Measured energy of each of the engine's GPUs since the engine started (NVML; never decreases, "
+            "across counter resets too). Read at each measurement window's close.",
+            base + ["gpu_uuid", "gpu_index"],
+            registry=registry,
+        )
+        self.gpu_power = Gauge(
+            "llmco2_gpu_power_watts",
+            "Mean measured power of each of the engine's GPUs over the last measurement window (NVML).",
+            base + ["gpu_uuid", "gpu_index"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self.calibration_scale = Gauge(
             "llmco2_calibration_scale",
             "Online calibration: measured / predicted energy factor in force, by phase.",

@@ -39,6 +39,26 @@ logger = logging.getLogger(__name__)
 _RUNNING_SAMPLES = 60  # publishes the engine's mean running batch is taken over (~30 s at the default interval)
 
 
+class _PendingIncrements:
+    """Counter increments of one batch of steps, added to Prometheus once per batch: a child's ``inc``
+    takes a lock and checks its amount, which costs more than the dictionary update here."""
+
+    __slots__ = ("amounts",)
+
+    def __init__(self) -> None:
+        self.amounts: dict = {}  # counter child -> amount to add
+
+    def add(self, child, amount: float) -> None:
+        amounts = self.amounts
+        amounts[child] = amounts.get(child, 0.0) + amount
+
+    def flush(self) -> None:
+        for child, amount in self.amounts.items():
+            if amount:
+                child.inc(amount)
+        self.amounts.clear()
+
+
 class EnginePipeline:
     """Accounts one engine's steps; all methods are called from the worker's one reader thread."""
 
@@ -91,6 +111,7 @@ class EnginePipeline:
         self.upstream_dropped = 0  # steps the engine's recorder dropped before they reached this process
         self._evicted_seen = 0
         self.steps_processed = 0
+        self._increments = _PendingIncrements()
         self._next_publish = time.monotonic() + settings.flush_interval_seconds
         self._unpublished = True
 
@@ -118,6 +139,8 @@ class EnginePipeline:
             for phase in ENERGY_PHASES:
                 m.labels(m.energy, phase=phase, source="measured")
                 m.labels(m.carbon, phase=phase, source="measured")
+            for index, uuid in self.windows.metered_gpus:
+                m.labels(m.gpu_energy, gpu_uuid=uuid, gpu_index=str(index))
         self._publish_calibration()
 
     # -- driven by the worker's reader loop --------------------------------------------------
@@ -127,11 +150,14 @@ class EnginePipeline:
             return 0
         m = self.metrics
         m.labels(m.capture_lag).set(max(0.0, time.perf_counter() - steps[-1].finished))
-        for step in steps:
-            try:
-                self._process(step)
-            except Exception as error:  # a part without its own guard: count it, keep the worker alive
-                self.failed("attribute", error)
+        try:
+            for step in steps:
+                try:
+                    self._process(step)
+                except Exception as error:  # a part without its own guard: count it, keep the worker alive
+                    self.failed("attribute", error)
+        finally:
+            self._increments.flush()
         self._unpublished = True
         self._count_losses()
         return len(steps)
@@ -203,18 +229,14 @@ class EnginePipeline:
             return
         shape = captured.shape
         if shape.num_requests:
-            series = self.metrics.per_step
+            series, add = self.metrics.per_step, self._increments.add
             self.steps_processed += 1
-            series.steps.inc()
-            series.step_wall_seconds.inc(max(shape.wall_seconds, 0.0))
-            # Adding 0 changes no counter (every series exists from the start): skip those calls.
-            prefill_tokens, decode_tokens = int(shape.prefill_tokens.sum()), int(shape.decode_tokens.sum())
-            if prefill_tokens:
-                series.tokens["prefill"].inc(prefill_tokens)
-            if decode_tokens:
-                series.tokens["decode"].inc(decode_tokens)
+            add(series.steps, 1)
+            add(series.step_wall_seconds, max(shape.wall_seconds, 0.0))
+            add(series.tokens["prefill"], int(shape.prefill_tokens.sum()))
+            add(series.tokens["decode"], int(shape.decode_tokens.sum()))
             for request_id, tokens in captured.cached_tokens.items():
-                series.tokens["cached"].inc(tokens)
+                add(series.tokens["cached"], tokens)
                 self.ledger.add_cached_tokens(request_id, tokens)
             self._account_energy(shape)
         for request_id in captured.finished_request_ids:
@@ -238,7 +260,7 @@ class EnginePipeline:
             return
         self.windows.add_step(prediction.prefill_energy_j, prediction.decode_energy_j, shape.wall_seconds)
         try:
-            series = self.metrics.per_step
+            series, add = self.metrics.per_step, self._increments.add
             grams_per_joule = self._grams_per_joule
             step_energy_j = prediction.energy_j
             for phase, energy_j, seconds, scale in (
@@ -247,13 +269,13 @@ class EnginePipeline:
             ):
                 if not seconds and not energy_j:
                     continue  # a phase without work: nothing to add
-                series.predicted_seconds[phase].inc(seconds)
+                add(series.predicted_seconds[phase], seconds)
                 for source, source_j in (("predicted", energy_j), ("calibrated", energy_j * scale)):
                     energy, carbon = series.energy_and_carbon[phase, source]
-                    energy.inc(source_j)
-                    carbon.inc(source_j * grams_per_joule)
+                    add(energy, source_j)
+                    add(carbon, source_j * grams_per_joule)
                 if embodied_g and step_energy_j > 0:
-                    series.embodied_carbon[phase].inc(embodied_g * energy_j / step_energy_j)
+                    add(series.embodied_carbon[phase], embodied_g * energy_j / step_energy_j)
         except Exception as error:
             self.failed("export", error)
 
@@ -280,6 +302,10 @@ class EnginePipeline:
             if result.measured_split_j is not None:
                 for phase, energy_j in zip(ENERGY_PHASES, result.measured_split_j):
                     self._add_energy(phase, "measured", energy_j)
+            for gpu in result.gpus:
+                gpu_labels = {"gpu_uuid": gpu.uuid, "gpu_index": str(gpu.index)}
+                m.labels(m.gpu_energy, **gpu_labels).inc(gpu.window_j)
+                m.labels(m.gpu_power, **gpu_labels).set(gpu.window_j / result.seconds)
             self._publish_calibration()
         except Exception as error:
             self.failed("export", error)
@@ -334,7 +360,7 @@ class EnginePipeline:
                 finished_at=time.time(),
             )
             series = m.per_step
-            series.requests.inc()
+            self._increments.add(series.requests, 1)
             series.request_energy.observe(finished.energy_j)
             series.request_carbon.observe(finished.grams_co2e)
             self.finished.append(finished)

@@ -93,6 +93,17 @@ class GpuDevice:
     name: str
     method: str  # "counter" or "power_sampling"
     mig: bool  # True: the energy is the whole GPU's, not this process's instance
+    uuid: str = ""  # NVML UUID of the measured (whole) GPU, "GPU-..."; "" if NVML would not say
+
+
+@dataclass(frozen=True)
+class GpuTotal:
+    """One GPU's energy since the meter started: never decreases, across counter resets too."""
+
+    index: int  # NVML index
+    uuid: str  # NVML UUID ("GPU-..."), the label DCGM and Kepler join on
+    name: str
+    energy_j: float
 
 
 class _GpuState:
@@ -201,6 +212,7 @@ class EnergyMeter:
                 name=as_text(nvml.nvmlDeviceGetName(handle)),
                 method=COUNTER if self._counter_works(handle) else POWER_SAMPLING,
                 mig=mig,
+                uuid=self._uuid(handle),
             )
             self._gpus.append(_GpuState(device, handle))
         self.devices = [gpu.device for gpu in self._gpus]
@@ -244,6 +256,12 @@ class EnergyMeter:
         except Exception:  # pre-Ampere GPUs: MIG not supported, so not enabled
             return False
         return bool(current_mode == getattr(self._nvml, "NVML_DEVICE_MIG_ENABLE", _NVML_DEVICE_MIG_ENABLE))
+
+    def _uuid(self, handle: Any) -> str:
+        try:
+            return as_text(self._nvml.nvmlDeviceGetUUID(handle))
+        except Exception:  # a label is not worth failing the meter for
+            return ""
 
     def _counter_works(self, handle: Any) -> bool:
         try:
@@ -369,6 +387,18 @@ class EnergyMeter:
         """Energy of all metered GPUs since the meter started; never decreases (0.0 if unavailable)."""
         with self._lock:
             return sum(self._energies_j())
+
+    def gpu_totals(self) -> tuple[GpuTotal, ...]:
+        """Per-GPU energy since the meter started, one read of each GPU; each never decreases.
+
+        For the energy windows, which read it once per window: the sum is ``total_energy_j()``.
+        """
+        with self._lock:
+            energies_j = self._energies_j()
+            return tuple(
+                GpuTotal(gpu.device.index, gpu.device.uuid, gpu.device.name, energy_j)
+                for gpu, energy_j in zip(self._gpus, energies_j)
+            )
 
     def begin_window(self, name: str) -> None:
         """Start measuring a window called ``name``; windows may overlap but names must be unique."""

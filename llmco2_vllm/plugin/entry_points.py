@@ -154,7 +154,7 @@ def start_accounting(vllm_config: Any):
     spec = WorkerSpec(
         deployment=deployment,
         engine=engine,
-        gpu_indices=tuple(range(local_rank * world, (local_rank + 1) * world)),
+        gpu_indices=engine_gpu_indices(world, local_rank),
         snapshot_path=str(Path(run_dir) / f"engine-{engine}.prom") if run_dir and not multiprocess_mode() else None,
         results_dir=run_dir if run_dir and endpoints_enabled() else None,
     )
@@ -167,3 +167,9 @@ def engine_forwarders() -> list[Any]:
     """The ``StepForwarder`` of each engine running in this process (offline ``LLM`` with in-process
     engine): ``recorder``, ``wait_idle``, ``report`` and ``stop``."""
     return list(_forwarders)
+
+
+def engine_gpu_indices(gpus_per_engine: int, data_parallel_rank_local: int) -> tuple[int, ...]:
+    """CUDA ordinals of one data-parallel engine's GPUs: vLLM gives local DP rank r the r-th block of TP x PP GPUs."""
+    start = data_parallel_rank_local * gpus_per_engine
+    return tuple(range(start, start + gpus_per_engine))

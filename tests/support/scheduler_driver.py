@@ -164,6 +164,7 @@ class SimulatedModelRunner:
         self.spec_tokens = spec_tokens
         self.eos_probability = eos_probability
         self.executed: dict[str, int] = defaultdict(int)  # token positions computed per request
+        self.chunked: set[str] = set()  # requests whose prompt ran in several steps
         self.draft_tokens_verified = 0
         self.draft_tokens_accepted = 0
 
@@ -179,6 +180,7 @@ class SimulatedModelRunner:
         for req_id in req_ids:
             self.executed[req_id] += output.num_scheduled_tokens[req_id]
             if scheduler.requests[req_id].is_prefill_chunk:
+                self.chunked.add(req_id)
                 sampled.append([])
                 continue
             drafts = output.scheduled_spec_decode_tokens.get(req_id, ())
@@ -208,7 +210,10 @@ class DriveResult:
     steps: int = 0
     lost_to_preemption: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # computed tokens dropped
     preemptions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    rejected: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # drafts update_from_output took back
+    # Positions update_from_output took back from num_computed_tokens: rejected drafts and (vLLM
+    # 0.33) accepted tokens after a stop token; the GPU computed them all.
+    taken_back: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    lost_prompt_tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # prompt part of the lost
     finished: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # request id -> finish outputs seen
     vllm_cached_tokens: dict[str, int] = field(default_factory=dict)  # EngineCoreOutput.prefill_stats
     vllm_draft_tokens: int = 0  # SchedulerStats.spec_decoding_stats, summed over steps
@@ -223,7 +228,7 @@ def drive(scheduler: Any, runner: SimulatedModelRunner, requests: list[Any], arr
     running request's ``num_computed_tokens`` (already advanced for steps in flight, so it counts
     every position the GPU computed): a request the scheduler preempts in that call lost those.
     Around each ``update_from_output`` it notes how far ``num_computed_tokens`` went back: the
-    draft tokens the scheduler rejected.
+    draft tokens the scheduler rejected (and, on vLLM 0.33, accepted tokens trimmed after a stop).
     """
     result = DriveResult()
     queue_size = scheduler.vllm_config.max_concurrent_batches
@@ -239,6 +244,7 @@ def drive(scheduler: Any, runner: SimulatedModelRunner, requests: list[Any], arr
             if by_id[rid].num_preemptions > before:
                 result.preemptions[rid] += by_id[rid].num_preemptions - before
                 result.lost_to_preemption[rid] += computed[rid]
+                result.lost_prompt_tokens[rid] += min(computed[rid], by_id[rid].num_prompt_tokens)
         result.steps += 1
         return output, runner.execute(scheduler, output)
 
@@ -247,7 +253,7 @@ def drive(scheduler: Any, runner: SimulatedModelRunner, requests: list[Any], arr
         engine_outputs = scheduler.update_from_output(output, model_output)
         for rid, before in computed.items():
             if by_id[rid].num_computed_tokens < before:
-                result.rejected[rid] += before - by_id[rid].num_computed_tokens
+                result.taken_back[rid] += before - by_id[rid].num_computed_tokens
         for outputs in engine_outputs.values():
             for item in outputs.outputs:
                 if item.finish_reason is not None:
