@@ -110,7 +110,10 @@ def test_prediction_fault_keeps_serving(tiny_model_dir, tmp_path):
     with LocalVllmServer(tiny_model_dir, SERVER_ARGS, env=env, log_path=log) as server:
         send_workload(server)  # asserts every request completes
         # Tokens are still accounted when prediction fails.
-        samples = wait_until(server, prompt_tokens_accounted)
+        def accounted_with_failures(samples) -> bool:
+            return prompt_tokens_accounted(samples) and metric_sum(samples, "llmco2_plugin_errors_total", stage="predict") > 0
+
+        samples = wait_until(server, accounted_with_failures)
         assert prompt_tokens_accounted(samples), log.read_text()[-3000:]
         assert metric_sum(samples, "llmco2_plugin_errors_total", stage="predict") > 0
     assert log.read_text().count("injected prediction failure") == 1  # logged once
