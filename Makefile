@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= nobind
 
-.PHONY: demo test unit lint install bench clean vllm-0.33-sources
+.PHONY: demo test unit lint install bench model clean vllm-0.33-sources
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_recording.py
 	$(VENV)/bin/python benchmarks/overhead.py
 	$(VENV)/bin/python benchmarks/soak.py
+
+# The cross-validated report of the fitted model and its shipped parameters (about 10 CPU minutes).
+model: $(STAMP)
+	$(VENV)/bin/python benchmarks/model_eval.py
+	cp benchmarks/results/fitted_model.json llmco2_vllm/data/fitted_model.json
 
 clean:
 	rm -rf $(VENV) .demo $(VLLM_033)

@@ -1,7 +1,7 @@
 """Cross-validated accuracy of the GNN predictor vs the baselines, on the same real rows.
 
 Run: ``.venv/bin/python benchmarks/gnn_eval.py [--members 2] [--epochs 25] [--quick]``
-(the same as ``llmco2 eval --out benchmarks/results``). Writes ``benchmarks/results/gnn_eval.md``,
+(the same as ``llmco2 eval-gnn --out benchmarks/results``). Writes ``benchmarks/results/gnn_eval.md``,
 ``gnn_eval_scatter.png`` and ``gnn_eval_cdf.png``. The logic lives in ``llmco2_vllm/predict/gnn/evaluation.py``.
 """
 
@@ -18,4 +18,4 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    raise SystemExit(main(["eval", *(args if "--out" in args else ["--out", str(RESULTS), *args])]))
+    raise SystemExit(main(["eval-gnn", *(args if "--out" in args else ["--out", str(RESULTS), *args])]))

@@ -3,7 +3,7 @@
     llmco2 predict --model meta-llama/Llama-3.1-8B-Instruct --gpu H100 --batch-size 8 \\
         --prompt-tokens 512 --output-tokens 256 [--region FR] [--json]
     llmco2 gpus | regions | models [--json]
-    llmco2 train [--out CKPT] | llmco2 eval [--out DIR] [--quick] [--json]
+    llmco2 eval [--out DIR] [--quick] [--json] | llmco2 train [--out CKPT] | llmco2 eval-gnn [--out DIR]
 
 Exit status: 0 on success, 2 on bad input (with the reason on stderr).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from dataclasses import asdict
@@ -42,7 +43,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `llmco2 eval`."""
+    """Arguments of `llmco2 eval-gnn`."""
     parser.add_argument("--out", default="benchmarks/results", help="folder for gnn_eval.md and the PNGs")
     parser.add_argument("--members", type=_positive_int, default=2, help="ensemble members per CV fold (default 2)")
     parser.add_argument("--epochs", type=_positive_int, default=25, help="epochs per member per fold (default 25)")
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict energy and carbon of a static batch of requests (or of every row of a CSV)",
         description="One static batch (--model --gpu --batch-size --prompt-tokens --output-tokens), or batch mode: "
         "--batch-file IN.csv --out OUT.csv with columns " + ", ".join(BATCH_COLUMNS) + " (optional: "
-        + ", ".join(OPTIONAL_BATCH_COLUMNS) + "). In batch mode the exit status is the number of rows that "
-        "failed (capped at 100); each failed row gets an `error` column.",
+        + ", ".join(OPTIONAL_BATCH_COLUMNS) + "). In batch mode rows that cannot be predicted (unknown model or "
+        "GPU, missing or out-of-range numbers) are skipped with their reason (stderr, the `error` column, and "
+        "`skipped` in --json); the exit status is 2 only when no row could be predicted.",
     )
     predict.add_argument("--model", help="catalog model id (see `llmco2 models`) or a config.json path")
     predict.add_argument("--gpu", help="GPU name or alias (see `llmco2 gpus`)")
@@ -76,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--calibration", default=None, help="calibration file from `llmco2 calibrate` to apply")
     predict.add_argument(
         "--predictor",
-        default="analytic",
-        help="analytic (default), gnn (the shipped LLMCO2 checkpoint; needs torch-geometric) or package.module:Class",
+        default="fitted",
+        help="fitted (default: the time and power model fitted on measured vLLM serving), analytic, gnn (the shipped "
+        "LLMCO2 checkpoint; needs torch-geometric) or package.module:Class",
     )
     predict.add_argument("--batch-file", default=None, help="CSV of static batches to predict (batch mode)")
     predict.add_argument("--out", default=None, help="output CSV for batch mode")
@@ -88,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit a calibration of the predictor from measured batches",
         description="Fits measured ~ a x predicted prefill + b x predicted decode (+ idle watts x idle_seconds) "
         "over the rows of a measurement CSV (the columns of `predict --batch-file` plus measured_energy_j, "
-        "optionally idle_seconds), with the same robust code the plugin runs online. Apply the result with "
+        "optionally idle_seconds), with the same robust code the plugin runs online. Rows that cannot be used "
+        "(unknown model or GPU, missing or negative numbers) are skipped with their reason; it fails only when "
+        "no row is usable. Apply the result with "
         "`llmco2 predict ... --calibration CAL.json` or LLMCO2_CALIBRATION_FILE in the plugin.",
     )
     calibrate.add_argument("--measurements", required=True, help="CSV of measured batches")
@@ -102,12 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="cross-validate the GNN against the baselines on the real measured rows (markdown + PNG report)",
-        description="Leave-one-GPU-type-out and leave-one-model-family-out cross-validation of the GNN on the "
-        "packaged real measurements, beside the analytic, LLMCarbon-style and EcoLogits baselines on the same rows; "
-        "writes gnn_eval.md, gnn_eval_scatter.png and gnn_eval_cdf.png into --out (a few CPU minutes).",
+        help="cross-validate the fitted time and power model against the baselines on measured vLLM serving",
+        description="Leave-one-model-out (ML.ENERGY v3, H100), leave-one-GPU-out (v2, A100 <-> H100) and "
+        "software-version transfer of the fitted model (the plugin's default predictor), the per-kernel GNN, a plain "
+        "non-negative linear fit, the analytic roofline, the shipped GNN checkpoint and EcoLogits on the same rows; "
+        "writes model_eval.md/.json, the PNGs and fitted_model.json (the model fitted on every row) into --out "
+        "(about 10 CPU minutes; --quick: a smoke run in seconds).",
     )
-    add_eval_arguments(evaluate)
+    from llmco2_vllm.predict.serving_evaluation import add_arguments as add_serving_eval_arguments
+
+    add_serving_eval_arguments(evaluate)
+
+    evaluate_gnn = commands.add_parser(
+        "eval-gnn",
+        help="cross-validate the LLMCO2 GNN checkpoint's training on the static-batch rows (markdown + PNG report)",
+        description="Leave-one-GPU-type-out and leave-one-model-family-out cross-validation of the GNN on the "
+        "packaged static-batch measurements, beside the analytic, LLMCarbon-style and EcoLogits baselines on the same "
+        "rows; writes gnn_eval.md, gnn_eval_scatter.png and gnn_eval_cdf.png into --out (a few CPU minutes).",
+    )
+    add_eval_arguments(evaluate_gnn)
 
     collect = commands.add_parser(
         "collect",
@@ -143,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_train(args)
         if args.command == "eval":
+            from llmco2_vllm.predict.serving_evaluation import run as run_serving_eval
+
+            return run_serving_eval(args)
+        if args.command == "eval-gnn":
             from llmco2_vllm.predict.gnn.evaluation import run as run_eval
 
             return run_eval(args)
@@ -163,8 +185,14 @@ def _predict(args: argparse.Namespace) -> int:
     if args.batch_file:
         if not args.out:
             raise ValueError("batch mode needs --out OUT.csv")
-        failed = predict_file(predictor, args.batch_file, args.out)
-        return min(failed, 100)
+        run = predict_file(predictor, args.batch_file, args.out)
+        if args.json:
+            print(json.dumps({"rows": run.rows, "predicted": run.predicted, "skipped": run.skipped, "out": args.out},
+                             indent=2))
+        if not run.predicted:
+            print(f"llmco2: error: {args.batch_file}: no row could be predicted", file=sys.stderr)
+            return 2
+        return 0
     missing = [f"--{name.replace('_', '-')}" for name in ("model", "gpu", "batch_size", "prompt_tokens", "output_tokens")
                if getattr(args, name) is None]  # fmt: skip
     if missing:
@@ -194,25 +222,27 @@ def _predict(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import csv
 
-    from llmco2_vllm.predict.batch_predict import BatchPredictor
+    from llmco2_vllm.predict.batch_predict import BatchPredictor, skip_row
     from llmco2_vllm.predict.calibration import fit_offline
 
     predictor = BatchPredictor()
     windows: list[tuple[float, float, float, float]] = []
+    skipped: list[dict] = []
     with open(args.measurements, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if "measured_energy_j" not in (reader.fieldnames or []):
             raise ValueError(f"{args.measurements}: needs a measured_energy_j column (whole batch, joules)")
-        for number, row in enumerate(reader, start=2):
+        for number, row in enumerate(reader, start=1):
             try:
+                measured = _measured_number(row, "measured_energy_j", required=True)
+                idle_seconds = _measured_number(row, "idle_seconds", required=False)
                 predicted = predictor.predict(row)
-                measured = float(row["measured_energy_j"])
-                idle_seconds = float(row.get("idle_seconds") or 0.0)
-            except ValueError as error:
-                raise ValueError(f"{args.measurements}, line {number}: {error}") from None
+            except Exception as error:  # one bad row must not stop the fit
+                skip_row(skipped, number, error, args.measurements)
+                continue
             windows.append((predicted["prefill_j"], predicted["decode_j"], idle_seconds, measured))
     if not windows:
-        raise ValueError(f"{args.measurements}: no rows")
+        raise ValueError(f"{args.measurements}: no usable rows ({len(skipped)} skipped)")
     calibrator = fit_offline(windows)
     calibrator.save(args.out)
     prefill_scale, decode_scale, idle_watts = calibrator.factors
@@ -226,13 +256,32 @@ def _calibrate(args: argparse.Namespace) -> int:
         "in_sample_mape_before": raw,
         "in_sample_mape_after": corrected,
         "out": args.out,
+        "skipped": skipped,
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
+            if key == "skipped":
+                value = len(skipped)
             print(f"{key:<22}  {value:.4g}" if isinstance(value, float) else f"{key:<22}  {value}")
     return 0
+
+
+def _measured_number(row: dict, name: str, required: bool) -> float:
+    """A finite measured quantity of a calibration row: energy must be > 0, idle seconds >= 0."""
+    raw = (row.get(name) or "").strip()
+    if not raw:
+        if required:
+            raise ValueError(f"{name} is missing")
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or (required and value == 0):
+        raise ValueError(f"{name}={raw!r} must be {'positive' if required else 'zero or positive'}")
+    return value
 
 
 def _in_sample_errors(calibrator, windows) -> tuple[float, float]:

@@ -67,9 +67,12 @@ def _known_gpu(name: str) -> None:
         raise ValueError(str(error)) from None
 
 
+PREDICTOR_NAMES = ("fitted", "analytic", "gnn")
+
+
 def _predictor_name(name: str) -> None:
-    if name not in ("analytic", "gnn") and ":" not in name:
-        raise ValueError("use 'analytic', 'gnn' or an import path 'package.module:Class'.")
+    if name not in PREDICTOR_NAMES and ":" not in name:
+        raise ValueError("use 'fitted', 'analytic', 'gnn' or an import path 'package.module:Class'.")
 
 
 def _writable_directory(path: str) -> None:
@@ -153,9 +156,10 @@ class Settings:
         fix="power usage effectiveness is a ratio >= 1.0 (e.g. 1.2), at most {maximum}.",
     )
     predictor: str = _setting(
-        "gnn",
-        "`gnn` (the LLMCO2 GNN, distilled into a table for the plugin; see below), `analytic` (the roofline model "
-        "alone), or `package.module:Class` for your own `StepPredictor`",
+        "fitted",
+        "`fitted` (the time and power model fitted on measured vLLM serving: the most accurate in `llmco2 eval`), "
+        "`gnn` (the LLMCO2 GNN, distilled into a table for the plugin), `analytic` (the roofline model alone), "
+        "or `package.module:Class` for your own `StepPredictor`",
         check=_predictor_name,
     )
     request_log: str = _setting(

@@ -87,7 +87,7 @@ def test_calibrate_then_predict_with_calibration(tmp_path):
     plain = json.loads(run(*args).stdout)
     calibrated = json.loads(run(*args, "--calibration", str(calibration)).stdout)
     assert calibrated["energy_j"] == pytest.approx(1.3 * plain["energy_j"], rel=0.05)
-    assert calibrated["predictor"] == "analytic+calibration"
+    assert calibrated["predictor"] == "fitted+calibration"
 
 
 def test_batch_mode_keeps_going_on_bad_rows(tmp_path):
@@ -100,12 +100,62 @@ def test_batch_mode_keeps_going_on_bad_rows(tmp_path):
         "meta-llama/Llama-3.1-70B-Instruct,A100-SXM4-80GB,4,4,8,512,128,\n"
     )
     out = tmp_path / "out.csv"
-    result = run("predict", "--batch-file", str(batches), "--out", str(out))
-    assert result.returncode == 2  # two rows failed
+    result = run("predict", "--batch-file", str(batches), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr  # bad rows are skipped; the usable ones are predicted
     import csv
 
     rows = list(csv.DictReader(open(out)))
     assert [bool(r["error"]) for r in rows] == [False, True, True, False]
     assert "H900" in rows[1]["error"] and "batch_size" in rows[2]["error"]
+    summary = json.loads(result.stdout)
+    assert (summary["rows"], summary["predicted"]) == (4, 2)
+    assert [s["row"] for s in summary["skipped"]] == [2, 3]
+    assert "H900" in summary["skipped"][0]["reason"] and "batch_size" in summary["skipped"][1]["reason"]
+    assert "row 2 skipped" in result.stderr and "row 3 skipped" in result.stderr
     assert float(rows[0]["carbon_g"]) > 0 and rows[3]["carbon_g"] == ""
     assert float(rows[0]["energy_j"]) == pytest.approx(float(rows[0]["prefill_j"]) + float(rows[0]["decode_j"]), rel=1e-4)
+
+
+def test_batch_mode_fails_only_when_no_row_is_usable(tmp_path):
+    batches = tmp_path / "in.csv"
+    batches.write_text(
+        "model,gpu,num_gpus,tensor_parallel,batch_size,prompt_tokens,output_tokens\n"
+        "No-Such-Model-7B,H100,1,1,8,512,128\n"
+        "Llama-3.1-8B-Instruct,H100,1,1,8,,128\n"
+    )
+    result = run("predict", "--batch-file", str(batches), "--out", str(tmp_path / "out.csv"), "--json")
+    assert result.returncode == 2
+    skipped = json.loads(result.stdout)["skipped"]
+    assert [s["row"] for s in skipped] == [1, 2]
+    assert "No-Such-Model-7B" in skipped[0]["reason"] and "prompt_tokens is missing" in skipped[1]["reason"]
+
+
+def test_calibrate_skips_unusable_rows(tmp_path):
+    header = "model,gpu,num_gpus,tensor_parallel,batch_size,prompt_tokens,output_tokens,measured_energy_j,idle_seconds\n"
+    good = [f"Llama-3.1-8B-Instruct,H100,1,1,{b},{p},128,{1000 + 37 * b + p},0\n"
+            for b, p in ((1, 256), (4, 512), (8, 1024), (16, 300), (32, 128))]
+    bad = [
+        "No-Such-Model-7B,H100,1,1,8,512,128,5000,0\n",  # unknown model
+        "Llama-3.1-8B-Instruct,H900,1,1,8,512,128,5000,0\n",  # unknown GPU
+        "Llama-3.1-8B-Instruct,H100,1,1,8,512,128,-5,0\n",  # negative measurement
+        "Llama-3.1-8B-Instruct,H100,1,1,8,512,128,,0\n",  # missing measurement
+        "Llama-3.1-8B-Instruct,H100,1,1,8,512,128,5000,-1\n",  # negative idle time
+    ]
+    measurements = tmp_path / "m.csv"
+    measurements.write_text(header + good[0] + "".join(bad) + "".join(good[1:]))
+    result = run("calibrate", "--measurements", str(measurements), "--out", str(tmp_path / "cal.json"), "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["rows"] == 5
+    assert [s["row"] for s in out["skipped"]] == [2, 3, 4, 5, 6]
+    reasons = [s["reason"] for s in out["skipped"]]
+    assert "No-Such-Model-7B" in reasons[0] and "H900" in reasons[1]
+    assert "measured_energy_j" in reasons[2] and "measured_energy_j is missing" in reasons[3]
+    assert "idle_seconds" in reasons[4]
+    assert result.stderr.count("skipped:") == 5
+
+    only_bad = tmp_path / "bad.csv"
+    only_bad.write_text(header + "".join(bad))
+    failed = run("calibrate", "--measurements", str(only_bad), "--out", str(tmp_path / "cal2.json"))
+    assert failed.returncode == 2 and "no usable rows" in failed.stderr
+    assert not (tmp_path / "cal2.json").exists()

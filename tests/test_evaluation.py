@@ -1,4 +1,4 @@
-"""`llmco2 eval`: the cross-validation report on the packaged real rows (smoke-sized run)."""
+"""`llmco2 eval-gnn`: the GNN's cross-validation report on the packaged static-batch rows (smoke-sized run)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from llmco2_vllm.predict.measurements import load_measurements  # noqa: E402
 
 
 def test_eval_help_needs_no_torch() -> None:
-    code = ("import sys\nfrom llmco2_vllm.cli import main\ntry:\n    main(['eval', '--help'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'eval --help imported torch'\n")
+    code = ("import sys\nfrom llmco2_vllm.cli import main\ntry:\n    main(['eval-gnn', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'eval-gnn --help imported torch'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout and "--out" in done.stdout
 
 
 def test_eval_quick_writes_report_and_plots(tmp_path, capsys) -> None:
-    assert main(["eval", "--quick", "--out", str(tmp_path), "--json"]) == 0
+    assert main(["eval-gnn", "--quick", "--out", str(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     rows = load_measurements()
     assert summary["rows"] == len(rows) and summary["quick"] and summary["epochs"] == 3

@@ -227,7 +227,8 @@ def test_unknown_gpu_name_from_nvml_predicts_for_the_configured_target(vllm_conf
 
 
 def test_architecture_the_plugin_cannot_describe_leaves_vllm_untouched(vllm_config, monkeypatch, caplog):
-    """A recurrent/hybrid model: the plugin logs why once and steps pass through unchanged."""
+    """An encoder-decoder (unknown recurrent layers are approximated, but this is refused): the plugin
+    logs why once and steps pass through unchanged."""
     from llmco2_vllm.plugin.entry_points import start_accounting
     from llmco2_vllm.plugin.scheduler_hook import capturing_scheduler
 
@@ -246,7 +247,7 @@ def test_architecture_the_plugin_cannot_describe_leaves_vllm_untouched(vllm_conf
         def shutdown(self) -> None:
             pass
 
-    monkeypatch.setattr(vllm_config.model_config.hf_text_config, "hybrid_override_pattern", "M*M*", raising=False)
+    monkeypatch.setattr(vllm_config.model_config.hf_text_config, "is_encoder_decoder", True, raising=False)
     with caplog.at_level(logging.WARNING, logger="llmco2_vllm"):
         scheduler = capturing_scheduler(Scheduler, start_accounting)(vllm_config)
         for _ in range(3):
@@ -255,7 +256,7 @@ def test_architecture_the_plugin_cannot_describe_leaves_vllm_untouched(vllm_conf
     assert scheduler._llmco2 is None
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "vLLM runs without the plugin" in errors[0].getMessage()
-    assert "recurrent/Mamba" in str(errors[0].exc_info[1])
+    assert "encoder-decoder" in str(errors[0].exc_info[1])
 
 
 # --------------------------------------------------------------------------------------------

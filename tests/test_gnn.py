@@ -198,7 +198,7 @@ def test_load_predictor_gnn_degrades_to_analytic_with_one_warning() -> None:
     fallback_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(fallback_warnings) == 1, [str(w.message) for w in caught]
     assert "sliding-window" in str(fallback_warnings[0].message) and "analytic" in str(fallback_warnings[0].message)
-    assert predictor.name == "gnn" and predictor.is_fallback and "sliding-window" in predictor.fallback_reason
+    assert predictor.name == "analytic-fallback" and predictor.is_fallback and "sliding-window" in predictor.fallback_reason
     analytic = AnalyticPredictor(unsupported, hardware(8))
     for step, prediction in zip(steps, got):
         want = analytic.predict_step(step)

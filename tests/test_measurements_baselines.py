@@ -104,4 +104,4 @@ def test_analytic_matches_batch_predictor():
     from llmco2_vllm.predict.batch_predict import BatchPredictor
 
     row = MLENERGY_ROWS[0]
-    assert baselines.analytic(row) == pytest.approx(BatchPredictor().predict(row)["energy_j"])
+    assert baselines.analytic(row) == pytest.approx(BatchPredictor(predictor="analytic").predict(row)["energy_j"])

@@ -31,7 +31,7 @@ def test_defaults_validate() -> None:
     assert settings.pue == 1.0
     assert settings.region == "WORLD"
     assert settings.grid_intensity is None
-    assert settings.predictor == "gnn"
+    assert settings.predictor == "fitted"
     Settings().validate()  # no exception
 
 

@@ -106,7 +106,7 @@ def test_target_hardware_is_labelled(offline_run):
     labels = dict(info[0])
     assert labels["hardware_source"] == "configured"  # no GPU on this machine
     assert labels["gpu"] == "H100-SXM5-80GB"
-    assert labels["predictor"] == "gnn"  # the default, distilled in a child process (no fallback)
+    assert labels["predictor"] == "fitted"  # the default
     assert metric_sum(samples, "llmco2_plugin_errors_total") == 0
     assert metric_sum(samples, "llmco2_dropped_steps_total") == 0
 

@@ -109,7 +109,9 @@ def describe_deployment(vllm_config: Any, settings: Settings) -> "Deployment":
     model = ModelDescription.from_hf_config(
         model_config.hf_text_config,
         name=str(model_name),
-        weight_dtype=str(model_config.dtype).removeprefix("torch."),
+        # vLLM's dtype is the compute dtype: the weights' dtype only when the checkpoint is not
+        # quantised (fp8 / MXFP4 weights keep their own, per group).
+        weight_dtype=None if model_config.quantization else str(model_config.dtype).removeprefix("torch."),
         quantization=model_config.quantization,
         kv_cache_dtype=vllm_config.cache_config.cache_dtype,
     )

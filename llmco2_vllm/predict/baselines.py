@@ -29,7 +29,7 @@ from llmco2_vllm.predict.model_description import ModelDescription, load_model
 def _batch_predictor():
     from llmco2_vllm.predict.batch_predict import BatchPredictor
 
-    return BatchPredictor()
+    return BatchPredictor(predictor="analytic")
 
 
 def _predict_fields(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -46,7 +47,7 @@ def _int(row: Mapping[str, Any], name: str, default: int | None = None, maximum:
 class BatchPredictor:
     """Predicts rows; keeps one predictor per (model, gpu, parallelism)."""
 
-    def __init__(self, calibration_path: str | None = None, pue: float = 1.0, predictor: str = "analytic") -> None:
+    def __init__(self, calibration_path: str | None = None, pue: float = 1.0, predictor: str = "fitted") -> None:
         self.predictor_name = predictor
         self.calibration = None
         if calibration_path:
@@ -91,6 +92,8 @@ class BatchPredictor:
             prefill_j, decode_j, _ = self.calibration.correct(prefill_j, decode_j, 0.0)
             calibrated = True
         energy_j = prefill_j + decode_j
+        # The fitted model's cross-validated 80 % band (measured / predicted); the analytic model has none.
+        band = None if calibrated else getattr(predictor, "ratio_range", None)
         result: dict[str, Any] = {
             "model": load_model(model).name,
             "gpu": find_gpu(gpu).name,
@@ -104,9 +107,8 @@ class BatchPredictor:
             "prefill_j": prefill_j,
             "decode_j": decode_j,
             "energy_j": energy_j,
-            # The analytic model has no calibrated uncertainty; the learned predictor fills these.
-            "energy_j_low": None,
-            "energy_j_high": None,
+            "energy_j_low": energy_j * band[0] if band else None,
+            "energy_j_high": energy_j * band[1] if band else None,
             "seconds": forecast.seconds,
             "energy_j_per_output_token": energy_j / (batch_size * output_tokens),
         }
@@ -120,8 +122,25 @@ class BatchPredictor:
         return result
 
 
-def predict_file(predictor: BatchPredictor, in_path: str, out_path: str) -> int:
-    """Predict every row of ``in_path`` into ``out_path``; return the number of failed rows."""
+@dataclass
+class FileRun:
+    """Outcome of a batch file: how many rows were predicted and why the others were skipped."""
+
+    rows: int
+    predicted: int
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"row": data row number (1 = first), "reason"}
+
+
+def skip_row(skipped: list[dict[str, Any]], number: int, error: BaseException, path: str) -> None:
+    """Record why row ``number`` of ``path`` is unusable and say so on stderr (one line per row)."""
+    reason = str(error) or type(error).__name__
+    skipped.append({"row": number, "reason": reason})
+    print(f"llmco2: {path}: row {number} skipped: {reason}", file=sys.stderr)
+
+
+def predict_file(predictor: BatchPredictor, in_path: str, out_path: str) -> FileRun:
+    """Predict every usable row of ``in_path`` into ``out_path``; unusable rows get their reason in
+    the ``error`` column (and on stderr) and the run goes on with the rest."""
     with open(in_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in (reader.fieldnames or [])]
@@ -130,11 +149,11 @@ def predict_file(predictor: BatchPredictor, in_path: str, out_path: str) -> int:
             raise ValueError(f"{in_path}: missing columns {', '.join(missing)} (needed: {', '.join(BATCH_COLUMNS)})")
         rows = [{k.strip(): v for k, v in row.items() if k is not None} for row in reader]
     out_columns = columns + [c for c in OUTPUT_COLUMNS if c not in columns]
-    failed = 0
+    run = FileRun(rows=len(rows), predicted=0)
     with open(out_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=out_columns, extrasaction="ignore")
         writer.writeheader()
-        for row in _progress(rows, "predict"):
+        for number, row in enumerate(_progress(rows, "predict"), start=1):
             out = dict(row)
             try:
                 result = predictor.predict(row)
@@ -142,13 +161,14 @@ def predict_file(predictor: BatchPredictor, in_path: str, out_path: str) -> int:
                     value = result.get(name)
                     out[name] = "" if value is None else f"{value:.6g}"
                 out["error"] = ""
+                run.predicted += 1
             except Exception as error:  # a bad row must not stop the run
-                failed += 1
+                skip_row(run.skipped, number, error, in_path)
                 out.update({name: "" for name in OUTPUT_COLUMNS})
-                out["error"] = str(error) or type(error).__name__
+                out["error"] = run.skipped[-1]["reason"]
             writer.writerow(out)
-    print(f"llmco2: {len(rows) - failed} rows predicted, {failed} failed -> {out_path}", file=sys.stderr)
-    return failed
+    print(f"llmco2: {run.predicted} rows predicted, {len(run.skipped)} skipped -> {out_path}", file=sys.stderr)
+    return run
 
 
 def _progress(rows: list, description: str):

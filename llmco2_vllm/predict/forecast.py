@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -320,26 +321,32 @@ class RequestForecaster:
         self.embodied_grams_per_gpu_second = embodied_grams_per_gpu_second
         self.pue = pue
 
-    def _share(
-        self, batch: float, prompt_tokens: int, output_tokens: int, scales: tuple[float, float], cached_share: float
-    ) -> tuple[float, float]:
-        """(energy J, seconds) of one request in a batch of ``batch`` (fractional: interpolated)."""
+    def _shares(
+        self, batch: float, prompt_tokens: int, outputs: Sequence[int], scales: tuple[float, float], cached_share: float
+    ) -> list[tuple[float, float]]:
+        """(energy J, seconds) of one request in a batch of ``batch`` (fractional: interpolated between
+        the whole batches around it), for each output length; all static batches in one call where the
+        predictor evaluates several at once (``static_batches``)."""
         whole = max(1, int(batch))
-        energy_j, seconds = self._whole_share(whole, prompt_tokens, output_tokens, scales, cached_share)
         fraction = batch - whole
-        if fraction > 1e-6:
-            next_energy_j, next_seconds = self._whole_share(whole + 1, prompt_tokens, output_tokens, scales, cached_share)
-            energy_j += (next_energy_j - energy_j) * fraction
-            seconds += (next_seconds - seconds) * fraction
-        return energy_j, seconds
-
-    def _whole_share(
-        self, batch: int, prompt_tokens: int, output_tokens: int, scales: tuple[float, float], cached_share: float
-    ) -> tuple[float, float]:
-        forecast = forecast_static_batch(self.predictor, batch, prompt_tokens, output_tokens)
-        # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
-        energy_j = (forecast.prefill_j * (1.0 - cached_share) * scales[0] + forecast.decode_j * scales[1]) / batch
-        return energy_j, forecast.seconds
+        sizes = (whole, whole + 1) if fraction > 1e-6 else (whole,)
+        shapes = [(size, prompt_tokens, output) for output in outputs for size in sizes]
+        many = getattr(self.predictor, "static_batches", None)
+        if many is not None:
+            forecasts = [BatchForecast(b, p, o, pj, dj, ps, ds) for (b, p, o), (ps, pj, ds, dj) in zip(shapes, many(shapes))]
+        else:
+            forecasts = [forecast_static_batch(self.predictor, b, p, o) for b, p, o in shapes]
+        shares = []
+        for index in range(0, len(forecasts), len(sizes)):
+            # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
+            values = [((f.prefill_j * (1.0 - cached_share) * scales[0] + f.decode_j * scales[1]) / f.batch_size, f.seconds)
+                      for f in forecasts[index : index + len(sizes)]]  # fmt: skip
+            energy_j, seconds = values[0]
+            if len(values) == 2:
+                energy_j += (values[1][0] - energy_j) * fraction
+                seconds += (values[1][1] - seconds) * fraction
+            shares.append((energy_j, seconds))
+        return shares
 
     def forecast(
         self,
@@ -371,7 +378,9 @@ class RequestForecaster:
         batch = float(running_requests + parts)
         if mean_running_requests is not None and math.isfinite(mean_running_requests):
             batch = max(batch, float(mean_running_requests))
-        expected = self._share(batch, prompt_tokens, outputs.expected, scales, cached_share)
+        lengths = sorted({outputs.expected, outputs.low, outputs.high})
+        share_of = dict(zip(lengths, self._shares(batch, prompt_tokens, lengths, scales, cached_share)))
+        expected = share_of[outputs.expected]
         energy_j, seconds = expected
         grams_per_joule = grams_co2e_per_kwh * self.pue / 3.6e6
         # Embodied carbon follows the time the GPUs are held, shared by the batch.
@@ -390,11 +399,7 @@ class RequestForecaster:
             else:
                 ratio_low, ratio_high = 1.0 / (1.0 + relative_error), 1.0 + relative_error
             point, low_factor, high_factor = 1.0, min(ratio_low, 1.0), max(ratio_high, 1.0)
-            low = expected if outputs.low == outputs.expected else self._share(batch, prompt_tokens, outputs.low, scales, cached_share)
-            high = (
-                expected if outputs.high == outputs.expected
-                else self._share(batch, prompt_tokens, outputs.high, scales, cached_share)
-            )
+            low, high = share_of[outputs.low], share_of[outputs.high]
         point_energy_j = energy_j * parts * point
         point_grams = grams(expected, point)
         return RequestForecast(

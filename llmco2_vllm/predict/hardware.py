@@ -33,13 +33,15 @@ _DTYPE_ALIASES = {
     "bfloat16": "bf16", "bf16": "bf16",
     "float16": "fp16", "half": "fp16", "fp16": "fp16",
     "fp8": "fp8", "float8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "e4m3": "fp8", "e5m2": "fp8",
-    "int8": "int8", "int4": "int4", "fp4": "fp4", "mxfp4": "fp4", "nvfp4": "fp4",
+    "int8": "int8", "int4": "int4", "fp4": "fp4", "mxfp4": "mxfp4", "nvfp4": "fp4",
 }
 
 #: Which catalog figure stands in for a compute dtype, in order of preference. Hardware
 #: without native support for a narrow dtype runs it (dequantized) at a wider rate;
 #: int8/int4/fp4 peaks are not in the catalog, so they fall back to FP8 then BF16
-#: (conservative: real int8/fp4 tensor rates are usually >= the FP8 rate).
+#: (conservative: real int8/fp4 tensor rates are usually >= the FP8 rate). MXFP4 weights
+#: (gpt-oss experts) are dequantised to bf16 by vLLM's kernels on GPUs without FP4 units
+#: (H100, A100: Marlin / Triton MoE), so they fall back to BF16, not FP8.
 _PEAK_FALLBACKS: dict[str, tuple[str, ...]] = {
     "fp32": ("fp32",),
     "bf16": ("bf16", "fp16"),
@@ -48,6 +50,7 @@ _PEAK_FALLBACKS: dict[str, tuple[str, ...]] = {
     "int8": ("int8", "fp8", "bf16", "fp16"),
     "int4": ("int4", "fp8", "bf16", "fp16"),
     "fp4": ("fp4", "fp8", "bf16", "fp16"),
+    "mxfp4": ("mxfp4", "fp4", "bf16", "fp16"),
 }
 
 

@@ -1,9 +1,15 @@
 """Architecture description of a decoder-only LLM, reduced to what drives inference cost.
 
 Energy per token is governed by the bytes moved (weights, KV cache) and the FLOPs done
-(~2 x active parameters per token plus attention). This module turns a Hugging Face
-``config.json`` (or a catalog entry) into those counts. Norm and bias parameters are
-ignored: they are < 0.1 % of weights in every catalog model.
+(~2 x active parameters per token plus attention, plus the selective scan of Mamba-2
+layers). This module turns a Hugging Face ``config.json`` (or a catalog entry) into those
+counts. Norm and bias parameters are ignored: they are < 0.1 % of weights in every catalog
+model.
+
+Layers need not be uniform: a Nemotron-H ``hybrid_override_pattern`` gives Mamba-2, attention
+and MLP blocks separately. A config whose layers this module cannot describe (an unknown
+recurrent family, an unknown layer kind) is described as a dense transformer of the same size,
+with ``approximation`` saying so, instead of failing.
 """
 
 from __future__ import annotations
@@ -11,15 +17,21 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-#: Bytes per element of each storage/compute dtype (4-bit types pack two per byte).
+logger = logging.getLogger(__name__)
+
+#: Bytes per element of each storage/compute dtype (4-bit types pack two per byte). "mxfp4" is
+#: OCP MXFP4 as gpt-oss stores its experts: 4-bit E2M1 values plus one E8M0 (8-bit) scale per
+#: block of 32, i.e. 4 + 8/32 = 4.25 bits = 0.53125 bytes per weight.
 DTYPE_BYTES: dict[str, float] = {
     "fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5, "fp4": 0.5,
+    "mxfp4": 0.53125,
 }
 
 _TORCH_DTYPES = {
@@ -30,7 +42,7 @@ _TORCH_DTYPES = {
 #: Model types whose MLP is up -> activation -> down (2 matrices) rather than gated (3).
 _NON_GATED_MODEL_TYPES = frozenset({
     "gpt2", "gpt_bigcode", "gpt_neox", "gptj", "gpt_neo", "falcon", "bloom", "opt",
-    "starcoder2", "phi", "mpt", "codegen",
+    "starcoder2", "phi", "mpt", "codegen", "nemotron_h",
 })
 #: Model types whose transformers config class ties input/output embeddings by default,
 #: used when a config.json omits ``tie_word_embeddings`` (checked against transformers 5).
@@ -40,7 +52,8 @@ _TIED_BY_DEFAULT_MODEL_TYPES = frozenset({
 })
 #: Model types that need an MLP width of 4 x hidden when the config omits it.
 _FOUR_X_MLP_MODEL_TYPES = frozenset({"falcon", "bloom", "gpt2", "gpt_bigcode", "gptj", "gpt_neo"})
-#: Recurrent / state-space families: their per-token cost is not attention + MLP.
+#: Recurrent / state-space families: their per-token cost is not attention + MLP. Nemotron-H
+#: with a pattern of known block kinds is described exactly; the others are approximated.
 _RECURRENT_MODEL_TYPES = frozenset({
     "mamba", "mamba2", "jamba", "nemotron_h", "zamba", "zamba2", "bamba", "falcon_h1",
     "granitemoehybrid", "rwkv", "rwkv5", "rwkv6", "recurrent_gemma", "qwen3_next", "lfm2",
@@ -58,7 +71,18 @@ class UnknownModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """Layer shapes and dtypes of a decoder-only transformer (dense, MoE, GQA or MLA)."""
+    """Layer shapes and dtypes of a decoder-only model (dense, MoE, GQA, MLA or Mamba-2 hybrid).
+
+    Layer counts: ``num_layers`` blocks in all; ``num_attention_layers`` of them have attention,
+    ``num_mamba_layers`` a Mamba-2 mixer, ``num_dense_layers`` a dense MLP and the rest (MoE
+    models) a MoE MLP. A standard transformer has attention and an MLP in every layer; a
+    Nemotron-H block has exactly one of attention, Mamba-2 or MLP.
+
+    Weight dtypes by group: ``weight_dtype`` for the linear layers (attention, dense MLP, shared
+    experts, Mamba projections), ``expert_weight_dtype`` for routed experts, and
+    ``lm_head_weight_dtype`` for the embedding, the LM head and the MoE router, which vLLM leaves
+    unquantised in fp8 / MXFP4 checkpoints.
+    """
 
     name: str
     num_layers: int
@@ -81,21 +105,48 @@ class ModelDescription:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     sliding_window: int | None = None
-    num_sliding_window_layers: int = 0
+    num_sliding_window_layers: int = 0  # among the attention layers
     weight_dtype: str = "bf16"
     kv_cache_dtype: str = "bf16"
     activation_dtype: str = "bf16"
+    num_attention_layers: int = -1  # -1: every layer
+    num_mamba_layers: int = 0
+    mamba_num_heads: int = 0
+    mamba_head_dim: int = 0
+    ssm_state_size: int = 0
+    mamba_n_groups: int = 8  # Nemotron-H's n_groups default
+    mamba_conv_kernel: int = 4
+    mamba_state_dtype: str = ""  # SSM state; "": the activation dtype (vLLM's mamba_ssm_cache_dtype="auto")
+    layer_pattern: str = ""  # Nemotron-H hybrid_override_pattern: one block kind per layer
+    expert_weight_dtype: str = ""  # "": weight_dtype
+    lm_head_weight_dtype: str = ""  # "": the activation dtype when weights are quantised, else weight_dtype
+    approximation: str = ""  # "" when the description is exact, else why it is an estimate
 
     def __post_init__(self) -> None:
         if self.num_dense_layers < 0:
             object.__setattr__(self, "num_dense_layers", 0 if self.num_experts > 0 else self.num_layers)
+        if self.num_attention_layers < 0:
+            object.__setattr__(self, "num_attention_layers", self.num_layers)
+        if not self.mamba_state_dtype:
+            object.__setattr__(self, "mamba_state_dtype", self.activation_dtype)
+        if not self.expert_weight_dtype:
+            object.__setattr__(self, "expert_weight_dtype", self.weight_dtype)
+        if not self.lm_head_weight_dtype:
+            quantised = DTYPE_BYTES.get(self.weight_dtype, 2.0) < DTYPE_BYTES.get(self.activation_dtype, 2.0)
+            object.__setattr__(self, "lm_head_weight_dtype", self.activation_dtype if quantised else self.weight_dtype)
         if self.num_dense_layers > self.num_layers:
             raise ValueError(f"num_dense_layers {self.num_dense_layers} > num_layers {self.num_layers}")
+        for label in ("num_attention_layers", "num_mamba_layers"):
+            if not 0 <= getattr(self, label) <= self.num_layers:
+                raise ValueError(f"{label} must be in 0..{self.num_layers}, got {getattr(self, label)}")
         if self.num_experts > 0 and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token must be in 1..{self.num_experts}, got {self.experts_per_token}")
-        if not 0 <= self.num_sliding_window_layers <= self.num_layers:
+        if not 0 <= self.num_sliding_window_layers <= self.num_attention_layers:
             raise ValueError(f"num_sliding_window_layers out of range: {self.num_sliding_window_layers}")
-        for label in ("weight_dtype", "kv_cache_dtype", "activation_dtype"):
+        if self.num_mamba_layers and min(self.mamba_num_heads, self.mamba_head_dim, self.ssm_state_size) <= 0:
+            raise ValueError("Mamba layers need mamba_num_heads, mamba_head_dim and ssm_state_size > 0")
+        for label in ("weight_dtype", "kv_cache_dtype", "activation_dtype", "mamba_state_dtype",
+                      "expert_weight_dtype", "lm_head_weight_dtype"):
             if getattr(self, label) not in DTYPE_BYTES:
                 raise ValueError(f"{label} must be one of {sorted(DTYPE_BYTES)}, got {getattr(self, label)!r}")
 
@@ -110,8 +161,18 @@ class ModelDescription:
         return self.kv_lora_rank > 0
 
     @property
+    def is_hybrid(self) -> bool:
+        """Blocks of different kinds (Nemotron-H): each layer is one residual block, not two."""
+        return bool(self.layer_pattern) or self.num_mamba_layers > 0 or self.num_attention_layers < self.num_layers
+
+    @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.num_dense_layers if self.is_moe else 0
+
+    @property
+    def num_residual_blocks(self) -> int:
+        """Pre-norm + residual-add sub-blocks: two per transformer layer (mixer, MLP), one per hybrid block."""
+        return self.num_layers if self.is_hybrid else 2 * self.num_layers
 
     @property
     def _mlp_matrices(self) -> int:
@@ -120,7 +181,7 @@ class ModelDescription:
     # --- parameter counts --------------------------------------------------------------
     @property
     def attention_params_per_layer(self) -> int:
-        """Q, K, V and output projection weights of one layer (MLA: its low-rank factors)."""
+        """Q, K, V and output projection weights of one attention layer (MLA: its low-rank factors)."""
         h, heads = self.hidden_size, self.num_attention_heads
         if not self.is_mla:
             q_and_o = 2 * h * heads * self.head_dim
@@ -138,6 +199,32 @@ class ModelDescription:
     @property
     def dense_mlp_params_per_layer(self) -> int:
         return self._mlp_matrices * self.hidden_size * self.intermediate_size
+
+    @property
+    def mamba_d_inner(self) -> int:
+        """Width of the Mamba-2 inner stream (x and z): heads x head_dim."""
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        """Channels of the causal conv1d: x plus the grouped B and C (n_groups x state each)."""
+        return self.mamba_d_inner + 2 * self.mamba_n_groups * self.ssm_state_size
+
+    @property
+    def mamba_projection_params_per_layer(self) -> int:
+        """in_proj (hidden -> z, x, B, C, dt) plus out_proj (d_inner -> hidden): the GEMM weights."""
+        in_proj = self.hidden_size * (self.mamba_d_inner + self.mamba_conv_dim + self.mamba_num_heads)
+        return in_proj + self.mamba_d_inner * self.hidden_size
+
+    @property
+    def mamba_conv_params_per_layer(self) -> int:
+        return self.mamba_conv_dim * self.mamba_conv_kernel
+
+    @property
+    def mamba_params_per_layer(self) -> int:
+        """One Mamba-2 mixer: in_proj hidden x (2 d_inner + 2 n_groups state + heads), out_proj
+        d_inner x hidden, and the depthwise conv1d weights (conv_dim x kernel)."""
+        return self.mamba_projection_params_per_layer + self.mamba_conv_params_per_layer
 
     @property
     def expert_params(self) -> int:
@@ -172,11 +259,19 @@ class ModelDescription:
         return routed + self.shared_expert_params_per_layer + self.router_params_per_layer
 
     @property
+    def _mixer_and_dense_params(self) -> int:
+        """Attention, Mamba and dense-MLP weights of the whole model (all of them in matmuls)."""
+        return (
+            self.num_attention_layers * self.attention_params_per_layer
+            + self.num_mamba_layers * self.mamba_params_per_layer
+            + self.num_dense_layers * self.dense_mlp_params_per_layer
+        )
+
+    @property
     def total_params(self) -> int:
         """All stored weights (what must sit in GPU memory)."""
         return (
-            self.num_layers * self.attention_params_per_layer
-            + self.num_dense_layers * self.dense_mlp_params_per_layer
+            self._mixer_and_dense_params
             + self.num_moe_layers * self._moe_layer_params
             + self.embedding_params
             + self.unique_lm_head_params
@@ -190,26 +285,90 @@ class ModelDescription:
             + self.shared_expert_params_per_layer
             + self.router_params_per_layer
         )
-        return (
-            self.num_layers * self.attention_params_per_layer
-            + self.num_dense_layers * self.dense_mlp_params_per_layer
-            + self.num_moe_layers * active_moe
-            + self.lm_head_params
-        )
+        return self._mixer_and_dense_params + self.num_moe_layers * active_moe + self.lm_head_params
 
     # --- bytes ------------------------------------------------------------------------
     @property
     def weight_bytes_per_param(self) -> float:
+        """Bytes per weight of the linear layers outside the routed experts."""
         return DTYPE_BYTES[self.weight_dtype]
 
     @property
+    def expert_weight_bytes_per_param(self) -> float:
+        return DTYPE_BYTES[self.expert_weight_dtype]
+
+    @property
+    def lm_head_weight_bytes_per_param(self) -> float:
+        """Bytes per weight of the embedding, LM head and MoE router."""
+        return DTYPE_BYTES[self.lm_head_weight_dtype]
+
+    @property
+    def routed_expert_weight_bytes(self) -> float:
+        return self.num_moe_layers * self.num_experts * self.expert_params * self.expert_weight_bytes_per_param
+
+    @property
+    def non_expert_weight_bytes(self) -> float:
+        """Stored bytes of every weight but the routed experts (shared experts included: every
+        token uses them), each group in its own dtype: what any step reads at least once."""
+        lm = self.lm_head_weight_bytes_per_param
+        return (
+            (self.num_attention_layers * self.attention_params_per_layer
+             + self.num_mamba_layers * self.mamba_projection_params_per_layer
+             + self.num_dense_layers * self.dense_mlp_params_per_layer
+             + self.num_moe_layers * self.shared_expert_params_per_layer) * self.weight_bytes_per_param
+            + (self.num_mamba_layers * self.mamba_conv_params_per_layer
+               + self.num_moe_layers * self.router_params_per_layer
+               + self.embedding_params + self.unique_lm_head_params) * lm
+        )  # fmt: skip
+
+    @property
+    def weight_bytes(self) -> float:
+        """All stored weight bytes, every group in its own dtype (quantisation scales included
+        where the dtype counts them, as MXFP4 does)."""
+        return self.non_expert_weight_bytes + self.routed_expert_weight_bytes
+
+    @property
     def kv_cache_bytes_per_token_per_layer(self) -> float:
-        """KV-cache bytes one token adds to one layer (MLA caches the latent + rope key)."""
+        """KV-cache bytes one token adds to one attention layer (MLA caches the latent + rope key)."""
         if self.is_mla:
             elements = self.kv_lora_rank + self.qk_rope_head_dim
         else:
             elements = 2 * self.num_kv_heads * self.head_dim
         return elements * DTYPE_BYTES[self.kv_cache_dtype]
+
+    @property
+    def kv_cache_bytes_per_token(self) -> float:
+        """KV-cache bytes one token adds over all attention layers (Mamba layers cache none)."""
+        return self.num_attention_layers * self.kv_cache_bytes_per_token_per_layer
+
+    @property
+    def mamba_state_bytes_per_sequence(self) -> float:
+        """Recurrent state one sequence holds over all Mamba layers, whatever its length.
+
+        Per layer: the SSM state heads x head_dim x state in ``mamba_state_dtype`` (bf16 unless
+        the config asks for fp32 through ``mamba_ssm_cache_dtype``: vLLM's default "auto" is the
+        model dtype) and the conv state (conv_kernel - 1) x (d_inner + 2 n_groups state) in the
+        activation dtype (vLLM keeps the conv state in the model dtype).
+        """
+        ssm = self.mamba_num_heads * self.mamba_head_dim * self.ssm_state_size * DTYPE_BYTES[self.mamba_state_dtype]
+        conv = (self.mamba_conv_kernel - 1) * self.mamba_conv_dim * self.activation_bytes
+        return self.num_mamba_layers * (ssm + conv)
+
+    @property
+    def mamba_scan_flops_per_token(self) -> float:
+        """Non-GEMM work per token over all Mamba layers: 6 x heads x head_dim x state + 2 x kernel x conv_dim.
+
+        Why 6: a decode step updates every state element h[p, n] = exp(dt A) h + (dt x[p]) B[n]
+        (a multiply and a fused multiply-add, 3 FLOPs) and reads it out y[p] += C[n] h[p, n]
+        (2 FLOPs): 5 per element. Prefill runs the chunked SSD algorithm: per token and head the
+        intra-chunk product (C B^T masked) X costs 2 x chunk x head_dim, the chunk states B^T X
+        2 x state x head_dim and their read-out C h 2 x state x head_dim; with chunk = state = 128
+        (Nemotron-H) that is 6 per element. 6 covers both within 20 %. The depthwise causal
+        conv1d adds a multiply-add per channel and tap.
+        """
+        per_layer = (6 * self.mamba_num_heads * self.mamba_head_dim * self.ssm_state_size
+                     + 2 * self.mamba_conv_kernel * self.mamba_conv_dim)  # fmt: skip
+        return float(self.num_mamba_layers * per_layer)
 
     @property
     def activation_bytes(self) -> float:
@@ -229,23 +388,52 @@ class ModelDescription:
         """Describe a model from a transformers ``PretrainedConfig`` or a config.json dict.
 
         ``quantization`` is vLLM's ``--quantization`` name; ``kv_cache_dtype`` is vLLM's
-        ``--kv-cache-dtype`` ("auto" = activation dtype). Raises
-        ``UnsupportedArchitectureError`` for recurrent/hybrid models or missing fields.
+        ``--kv-cache-dtype`` ("auto" = activation dtype). A config whose layers cannot be
+        described exactly gives a dense transformer of the same size with ``approximation`` set
+        (one warning per model name). Raises ``UnsupportedArchitectureError`` only when the core
+        fields (layers, hidden size, heads, vocabulary) are missing, or for encoder-decoders.
         """
         cfg = _flatten_config(config)
         model_type = str(cfg.get("model_type") or "").split("/")[-1]
-        _reject_unsupported(cfg, model_type)
+        if model_type == "nemotron_h":
+            cfg = _nemotron_h_pattern(cfg)
+        if cfg.get("is_encoder_decoder"):
+            raise UnsupportedArchitectureError(
+                f"{model_type or 'model'} is encoder-decoder; only decoder-only is described")
 
         num_layers = _int_field(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
         hidden = _int_field(cfg, "hidden_size", "n_embd", "d_model")
         heads = _int_field(cfg, "num_attention_heads", "n_head", "num_heads")
         vocab = _int_field(cfg, "vocab_size", "padded_vocab_size")
         missing = [label for label, v in (("num_hidden_layers", num_layers), ("hidden_size", hidden),
-                                          ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
+                                          ("num_attention_heads", heads), ("vocab_size", vocab)) if not v]
         if missing:
             raise UnsupportedArchitectureError(f"config lacks core field(s): {', '.join(missing)}")
-        assert num_layers is not None and hidden is not None and heads is not None and vocab is not None
+        assert num_layers and hidden and heads and vocab
+        name = name or str(cfg.get("_name_or_path") or cfg.get("model_id") or model_type or "unknown")
+        activation = _activation_dtype(cfg)
+        dense_dtype, expert_dtype = _weight_dtypes(cfg, weight_dtype, quantization, activation)
+        dtypes = {
+            "weight_dtype": dense_dtype,
+            "expert_weight_dtype": expert_dtype,
+            "lm_head_weight_dtype": activation,  # vLLM quantises neither embedding, LM head nor router
+            "kv_cache_dtype": _kv_cache_dtype(kv_cache_dtype, activation),
+            "activation_dtype": activation,
+        }
 
+        reason = _why_not_exact(cfg, model_type, num_layers)
+        if not reason:
+            try:
+                return cls._exact(cfg, model_type, name, num_layers, hidden, heads, vocab, dtypes)
+            except UnsupportedArchitectureError as error:
+                reason = str(error)
+        return cls._dense_equivalent(cfg, model_type, name, num_layers, hidden, heads, vocab, dtypes, reason)
+
+    @classmethod
+    def _exact(
+        cls, cfg: Mapping[str, Any], model_type: str, name: str, num_layers: int, hidden: int, heads: int,
+        vocab: int, dtypes: Mapping[str, str],
+    ) -> ModelDescription:
         kv_heads = _int_field(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv")
         if cfg.get("multi_query") and not cfg.get("new_decoder_architecture"):
             kv_heads = 1  # Falcon-7B / GPT-BigCode multi-query attention
@@ -253,13 +441,16 @@ class ModelDescription:
             kv_heads = heads
         head_dim = _int_field(cfg, "head_dim") or hidden // heads
 
-        num_experts = _int_field(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts") or 0
+        pattern = str(cfg.get("hybrid_override_pattern") or "")
+        # A hybrid pattern places any MoE blocks ("E", approximated); its MoE fields are class defaults.
+        num_experts = 0 if pattern else (
+            _int_field(cfg, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts") or 0)
         is_llama4 = model_type.startswith("llama4")
         intermediate = _int_field(cfg, "intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim")
         if intermediate is None and model_type in _FOUR_X_MLP_MODEL_TYPES:
             intermediate = 4 * hidden
         if intermediate is None:
-            raise UnsupportedArchitectureError("config lacks core field(s): intermediate_size")
+            raise UnsupportedArchitectureError("config lacks intermediate_size")
         moe_intermediate = (_int_field(cfg, "moe_intermediate_size") or intermediate) if num_experts else 0
         shared_width = _int_field(cfg, "shared_expert_intermediate_size") or 0
         shared_width += (_int_field(cfg, "n_shared_experts") or 0) * moe_intermediate
@@ -273,13 +464,33 @@ class ModelDescription:
             shared_width = moe_intermediate
             intermediate = _int_field(cfg, "intermediate_size_mlp") or _LLAMA4_DEFAULT_DENSE_MLP
 
-        sliding_window = _int_field(cfg, "sliding_window")
-        num_sliding = _count_sliding_layers(cfg, model_type, num_layers, sliding_window)
+        hybrid: dict[str, Any] = {}
+        num_attention_layers = num_layers
+        num_dense_layers = _count_dense_layers(cfg, num_layers, num_experts)
+        if pattern:  # Nemotron-H: M = Mamba-2 mixer, * = attention, - = MLP, one per block
+            num_attention_layers = pattern.count("*")
+            num_dense_layers = pattern.count("-")
+            mamba_heads = _int_field(cfg, "mamba_num_heads") or 0
+            state_dtype = cfg.get("mamba_ssm_cache_dtype")
+            hybrid = {
+                "num_mamba_layers": pattern.count("M"),
+                "mamba_num_heads": mamba_heads,
+                "mamba_head_dim": _int_field(cfg, "mamba_head_dim")
+                or ((_int_field(cfg, "expand") or 2) * hidden // mamba_heads if mamba_heads else 0),
+                "ssm_state_size": _int_field(cfg, "ssm_state_size", "state_size") or 0,
+                "mamba_n_groups": _int_field(cfg, "n_groups", "mamba_n_groups") or 8,
+                "mamba_conv_kernel": _int_field(cfg, "conv_kernel", "mamba_d_conv") or 4,
+                "mamba_state_dtype": _normalize_dtype_name(str(state_dtype))
+                if state_dtype not in (None, "", "auto") else "",
+                "layer_pattern": pattern,
+            }
 
-        activation = _activation_dtype(cfg)
+        sliding_window = _int_field(cfg, "sliding_window")
+        num_sliding = min(_count_sliding_layers(cfg, model_type, num_layers, sliding_window), num_attention_layers)
+
         mla = (_int_field(cfg, "kv_lora_rank") or 0) > 0
         return cls(
-            name=name or str(cfg.get("_name_or_path") or cfg.get("model_id") or model_type or "unknown"),
+            name=name,
             num_layers=num_layers,
             hidden_size=hidden,
             num_attention_heads=heads,
@@ -294,7 +505,7 @@ class ModelDescription:
             experts_per_token=experts_per_token,
             moe_intermediate_size=moe_intermediate,
             shared_expert_intermediate_size=shared_width if num_experts else 0,
-            num_dense_layers=_count_dense_layers(cfg, num_layers, num_experts),
+            num_dense_layers=num_dense_layers,
             q_lora_rank=_int_field(cfg, "q_lora_rank") or 0,
             kv_lora_rank=_int_field(cfg, "kv_lora_rank") or 0,
             qk_rope_head_dim=_int_field(cfg, "qk_rope_head_dim") or 0,
@@ -302,10 +513,42 @@ class ModelDescription:
             v_head_dim=_int_field(cfg, "v_head_dim") or 0,
             sliding_window=sliding_window if num_sliding else None,
             num_sliding_window_layers=num_sliding,
-            weight_dtype=_weight_dtype(cfg, weight_dtype, quantization, activation),
-            kv_cache_dtype=_kv_cache_dtype(kv_cache_dtype, activation),
-            activation_dtype=activation,
+            num_attention_layers=num_attention_layers,
+            **hybrid,
+            **dtypes,
         )
+
+    @classmethod
+    def _dense_equivalent(
+        cls, cfg: Mapping[str, Any], model_type: str, name: str, num_layers: int, hidden: int, heads: int,
+        vocab: int, dtypes: Mapping[str, str], reason: str,
+    ) -> ModelDescription:
+        """A dense GQA transformer with the config's core shape; its MLP width is solved so the total
+        matches a stated parameter count, else taken from the config (4 x hidden if absent)."""
+        kv_heads = _int_field(cfg, "num_key_value_heads", "num_kv_heads", "n_head_kv") or heads
+        head_dim = _int_field(cfg, "head_dim") or hidden // heads
+        tied = _tied(cfg, model_type)
+        shell = cls(name=name, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
+                    num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=0, vocab_size=vocab,
+                    tie_word_embeddings=tied, **dtypes)
+        stated = _stated_parameter_count(cfg)
+        if stated:
+            mlp_per_layer = (stated - shell.total_params) / num_layers
+            intermediate = max(0, round(mlp_per_layer / (3 * hidden)))
+            basis = f"the stated parameter count ({stated / 1e9:.3g}B)"
+        else:
+            intermediate = _int_field(cfg, "intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim") or 4 * hidden
+            basis = "the parameter count implied by its core shape"
+        approximation = (
+            f"{model_type or name}: {reason}; costs are estimated as a dense transformer of "
+            f"{num_layers} layers x {hidden} hidden sized to {basis}."
+        )
+        if name not in _WARNED_APPROXIMATIONS:
+            _WARNED_APPROXIMATIONS.add(name)
+            logger.warning("%s: approximate energy model. %s", name, approximation)
+        return cls(name=name, num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads,
+                   num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab,
+                   tie_word_embeddings=tied, approximation=approximation, **dtypes)
 
 
 _LLAMA4_DEFAULT_DENSE_MLP = 16384  # transformers Llama4TextConfig default intermediate_size_mlp
@@ -335,19 +578,69 @@ def _int_field(cfg: Mapping[str, Any], *keys: str) -> int | None:
     return None
 
 
-def _reject_unsupported(cfg: Mapping[str, Any], model_type: str) -> None:
-    if cfg.get("is_encoder_decoder"):
-        raise UnsupportedArchitectureError(f"{model_type or 'model'} is encoder-decoder; only decoder-only is described")
-    if cfg.get("hybrid_override_pattern") or model_type in _RECURRENT_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"{model_type or 'model'} has recurrent/Mamba layers (hybrid_override_pattern or SSM family): "
-            "no per-layer attention+MLP description"
-        )
-    layer_kinds = cfg.get("layers_block_type") or cfg.get("layer_types") or []
-    if isinstance(layer_kinds, list) and any(
-        "mamba" in str(k) or "linear_attention" in str(k) or "recurrent" in str(k) for k in layer_kinds
-    ):
-        raise UnsupportedArchitectureError(f"{model_type or 'model'} mixes recurrent/linear-attention layers")
+#: Block kinds of a Nemotron-H ``hybrid_override_pattern`` that are described exactly.
+_HYBRID_BLOCK_KINDS = frozenset("M*-")
+#: Substrings of a ``layer_types`` / ``layers_block_type`` entry naming a non-attention mixer.
+_RECURRENT_LAYER_MARKS = ("mamba", "linear", "recurrent", "rwkv", "ssm", "lstm", "conv", "delta", "retention")
+#: Fields stating a model's total parameter count (``total_params_b`` in billions: the catalog's).
+_PARAMETER_COUNT_FIELDS = ("num_parameters", "n_params", "num_params", "total_params", "total_parameters")
+
+_WARNED_APPROXIMATIONS: set[str] = set()
+
+
+#: transformers 5's NemotronHConfig lists block kinds in ``layers_block_type`` (Mamba-2 mixers as
+#: "linear_attention") instead of the config.json's ``hybrid_override_pattern``.
+_NEMOTRON_H_BLOCK_CHARS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
+                           "mlp": "-", "moe": "E"}
+
+
+def _nemotron_h_pattern(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config with ``hybrid_override_pattern`` (and the layer count) rebuilt from ``layers_block_type``."""
+    kinds = cfg.get("layers_block_type")
+    if cfg.get("hybrid_override_pattern") or not isinstance(kinds, list) or not kinds:
+        return cfg
+    cfg = dict(cfg)
+    cfg["hybrid_override_pattern"] = "".join(_NEMOTRON_H_BLOCK_CHARS.get(str(k), "?") for k in kinds)
+    cfg.pop("layers_block_type")
+    if cfg.get("num_hidden_layers") is None:
+        cfg["num_hidden_layers"] = len(kinds)
+    return cfg
+
+
+def _why_not_exact(cfg: Mapping[str, Any], model_type: str, num_layers: int) -> str:
+    """Why the config's layers cannot be described exactly ("" when they can)."""
+    pattern = cfg.get("hybrid_override_pattern")
+    if pattern:
+        pattern = str(pattern)
+        unknown = sorted(set(pattern) - _HYBRID_BLOCK_KINDS)
+        if unknown:
+            return f"hybrid_override_pattern has block kinds {''.join(unknown)!r} besides M, * and -"
+        if len(pattern) != num_layers:
+            return f"hybrid_override_pattern has {len(pattern)} blocks for {num_layers} layers"
+        if "M" in pattern and not (_int_field(cfg, "mamba_num_heads") and _int_field(cfg, "ssm_state_size", "state_size")):
+            return "Mamba blocks without mamba_num_heads / ssm_state_size"
+        return ""
+    if model_type in _RECURRENT_MODEL_TYPES:
+        return "a recurrent/state-space family whose layers are not attention + MLP"
+    for key in ("layers_block_type", "layer_types"):
+        kinds = cfg.get(key)
+        if isinstance(kinds, list):
+            odd = sorted({str(k) for k in kinds
+                          if "attention" not in str(k) or any(m in str(k) for m in _RECURRENT_LAYER_MARKS)})
+            if odd:
+                return f"{key} has layer kinds {', '.join(odd)} that are not attention"
+    return ""
+
+
+def _stated_parameter_count(cfg: Mapping[str, Any]) -> float | None:
+    for key in _PARAMETER_COUNT_FIELDS:
+        value = cfg.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    billions = cfg.get("total_params_b")
+    if isinstance(billions, (int, float)) and not isinstance(billions, bool) and billions > 0:
+        return float(billions) * 1e9
+    return None
 
 
 def _tied(cfg: Mapping[str, Any], model_type: str) -> bool:
@@ -429,7 +722,9 @@ def _dtype_from_quant_config(qc: Mapping[str, Any]) -> str | None:
     method = str(qc.get("quant_method") or "").lower()
     if method in ("fp8", "fbgemm_fp8") or str(qc.get("fmt") or "").lower() in ("e4m3", "e5m2"):
         return "fp8"
-    if method in ("mxfp4", "nvfp4"):
+    if method == "mxfp4":
+        return "mxfp4"
+    if method == "nvfp4":
         return "fp4"
     if method == "modelopt":
         algo = str(qc.get("quant_algo") or "").upper()
@@ -459,7 +754,9 @@ def _weight_dtype(cfg: Mapping[str, Any], explicit: str | None, quantization: st
     if method:
         if method in ("fp8", "fbgemm_fp8", "ptpc_fp8", "fp8_e4m3", "fp8_e5m2"):
             return "fp8"
-        if method in ("mxfp4", "nvfp4", "modelopt_fp4"):
+        if method == "mxfp4":
+            return "mxfp4"
+        if method in ("nvfp4", "modelopt_fp4"):
             return "fp4"
         if method in ("experts_int8", "int8"):
             return "int8"
@@ -479,6 +776,20 @@ def _weight_dtype(cfg: Mapping[str, Any], explicit: str | None, quantization: st
         if from_qc:
             return from_qc
     return activation
+
+
+def _weight_dtypes(
+    cfg: Mapping[str, Any], explicit: str | None, quantization: str | None, activation: str
+) -> tuple[str, str]:
+    """(linear-layer dtype, routed-expert dtype).
+
+    vLLM's MXFP4 method quantises fused-MoE layers only (its linear layers take the unquantised
+    path), so an MXFP4 checkpoint such as gpt-oss keeps attention in the activation dtype.
+    """
+    dtype = _weight_dtype(cfg, explicit, quantization, activation)
+    if dtype == "mxfp4" and not explicit:
+        return activation, "mxfp4"
+    return dtype, dtype
 
 
 def _normalize_dtype_name(dtype: str) -> str:

@@ -104,8 +104,9 @@ class PredictorLoadError(ValueError):
 
 
 def load_predictor(name: str, deployment: "Deployment", in_server: bool = False) -> StepPredictor:
-    """Build a predictor by name for a deployment: ``analytic``, ``gnn`` (the shipped LLMCO2
-    checkpoint; needs torch and torch-geometric), or ``package.module:Class`` for a custom one.
+    """Build a predictor by name for a deployment: ``fitted`` (the time and power model fitted on
+    measured vLLM serving; the default), ``analytic``, ``gnn`` (the shipped LLMCO2 checkpoint; needs
+    torch and torch-geometric), or ``package.module:Class`` for a custom one.
 
     ``in_server``: inside vLLM's processes "gnn" is the distilled table (``predict.gnn.distilled``),
     built in a child process so torch-geometric never loads beside vLLM. A custom class is called
@@ -114,11 +115,13 @@ def load_predictor(name: str, deployment: "Deployment", in_server: bool = False)
     model, hardware, pipeline_parallel = deployment.model, deployment.hardware, deployment.pipeline_parallel
     if name == "analytic":
         return AnalyticPredictor(model, hardware, pipeline_parallel)
+    if name == "fitted":
+        name = "llmco2_vllm.predict.fitted:FittedPredictor"  # imported by name: fitted.py builds StepPredictions
     if name == "gnn":
         name = "llmco2_vllm.predict.gnn.distilled:DistilledGnnPredictor" if in_server else "llmco2_vllm.predict.gnn.model:GnnPredictor"
     if ":" not in name:
         raise PredictorLoadError(
-            f"Unknown predictor {name!r}. Use 'analytic', 'gnn' or an import path 'package.module:Class'."
+            f"Unknown predictor {name!r}. Use 'fitted', 'analytic', 'gnn' or an import path 'package.module:Class'."
         )
     module_name, _, attribute = name.partition(":")
     try:

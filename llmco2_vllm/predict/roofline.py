@@ -13,6 +13,9 @@ Deliberate simplifications (documented in the README, "What is approximate"):
   the last position of every scheduled request and discards non-final prefill chunks).
 - Pipeline-parallel stages run one after another, so step time is that of one TP group holding all
   layers; all TP x PP GPUs draw power during the step.
+- Mamba-2 layers (Nemotron-H): each row that computes reads and writes its sequence's recurrent
+  state once per step; the selective scan counts 6 x heads x head_dim x state FLOPs per token and
+  layer (``ModelDescription.mamba_scan_flops_per_token``), whatever the chunking.
 """
 
 from __future__ import annotations
@@ -52,12 +55,12 @@ class StepCost:
     op_flops: np.ndarray  # total over all GPUs
     op_weight_bytes: np.ndarray
     op_activation_bytes: np.ndarray
-    op_kv_cache_bytes: np.ndarray
+    op_kv_cache_bytes: np.ndarray  # attention K/V and the Mamba layers' recurrent state
     op_interconnect_bytes: np.ndarray
     op_seconds: np.ndarray
     op_energy_j: np.ndarray
     op_coefficients: np.ndarray  # (ops, features): the binding resource per unit of each feature
-    row_features: np.ndarray  # (features, rows): tokens, keys, logit rows, K/V bytes, token share
+    row_features: np.ndarray  # (features, rows): tokens, keys, logit rows, K/V bytes, state bytes, token share
     num_requests: int
     # Per-feature weights that distribute op seconds / energy to rows (sum over ops of value/total x
     # coefficient), and what ops with no binding work leave to split by token share.
@@ -101,6 +104,11 @@ class StepCost:
         return np.where(sums > 0, binding / np.where(sums > 0, sums, 1.0), self.row_features[-1])
 
 
+#: Row features of ``StepCost``: tokens, attention keys, logit rows, K/V bytes, recurrent-state
+#: bytes, token share (last: ops with no binding work split by it).
+FEATURES = 6
+
+
 def _sliding_keys(context: np.ndarray, tokens: np.ndarray, window: int | None) -> np.ndarray:
     """Sum over the step's query tokens of the number of keys each attends to (causal, optional window)."""
 
@@ -118,10 +126,14 @@ class Roofline:
     """Per-operator coefficients of one (model, hardware) pair, computed once.
 
     Every operator's FLOPs and bytes are linear in a few per-row quantities (tokens, attention
-    keys, K/V tokens read, logit rows), so the operator loop runs on the step's sums in plain
-    floats. ``cost`` keeps every per-operator number (inspection, the GNN's graph features);
-    ``predict_phases`` gives only what a step prediction needs, in a few array operations: the
-    plugin's worker calls it once per engine step.
+    keys, K/V tokens read, logit rows, rows that carry a recurrent state), so the operator loop
+    runs on the step's sums in plain floats. ``cost`` keeps every per-operator number
+    (inspection, the GNN's graph features); ``predict_phases`` gives only what a step prediction
+    needs, in a few array operations: the plugin's worker calls it once per engine step.
+
+    Each operator runs at the tensor-core rate of its own precision: GEMMs of fp8 weights at the
+    FP8 rate, of MXFP4 experts at the rate the GPU has for them (BF16 where it lacks FP4 units),
+    attention, the selective scan and the unquantised LM head / router at the activation rate.
     """
 
     def __init__(
@@ -135,13 +147,19 @@ class Roofline:
         self.hardware = hardware
         self.assumptions = assumptions
         h = model.hidden_size
-        layers = model.num_layers
+        attention_layers = model.num_attention_layers
+        blocks = model.num_residual_blocks
         wb = model.weight_bytes_per_param
+        lb = model.lm_head_weight_bytes_per_param
         ab = model.activation_bytes
         heads = model.num_attention_heads
         tp = hardware.tensor_parallel
         self.tensor_parallel = tp
         self.gpus = tp * pipeline_parallel
+        act = model.activation_dtype
+        dense_gemm = _gemm_dtype(model.weight_dtype, act)
+        expert_gemm = _gemm_dtype(model.expert_weight_dtype, act)
+        head_gemm = _gemm_dtype(model.lm_head_weight_dtype, act)
 
         v_dim = model.v_head_dim if model.is_mla else model.head_dim
         rope_width = (heads + (0 if model.is_mla else model.num_kv_heads)) * (
@@ -157,22 +175,44 @@ class Roofline:
             qo_width = 2 * heads * model.head_dim
 
         # name: (flops/token, flops/key, flops/logit row, weight bytes, act bytes/token, act bytes/logit row,
-        #        interconnect bytes/token, launches)
-        ops: list[tuple[str, float, float, float, float, float, float, float, float]] = [
-            ("embedding", 0, 0, 0, 0, 2 * h * ab, 0, 0, 1),
-            ("norms_residual_rope", 0, 0, 0, 0, layers * ab * (10 * h + 2 * rope_width), 0, 0, 5 * layers),
-            ("qkv_projection", 2 * qkv_params * layers, 0, 0, qkv_params * wb * layers,
-             (h + qkv_params / h) * ab * layers, 0, 0, layers),
-            ("attention", 0, flops_per_pair, 0, 0, qo_width * ab * layers, 0, 0, layers),
-            ("output_projection", 2 * o_params * layers, 0, 0, o_params * wb * layers,
-             (heads * v_dim + h) * ab * layers, 0, 0, layers),
+        #        interconnect bytes/token, launches, state bytes/working row), compute dtype.
+        # Each residual block has a pre-norm (2h: read, write) and a residual add (3h); RoPE reads
+        # and writes q and k of the attention layers.
+        ops: list[tuple[str, tuple[float, ...], str]] = [
+            ("embedding", (0, 0, 0, 0, 2 * h * ab, 0, 0, 1, 0), act),
+            ("norms_residual_rope", (0, 0, 0, 0, ab * (5 * h * blocks + 2 * rope_width * attention_layers), 0, 0,
+                                     2 * blocks + attention_layers, 0), act),
+            ("qkv_projection", (2 * qkv_params * attention_layers, 0, 0, qkv_params * wb * attention_layers,
+                                (h + qkv_params / h) * ab * attention_layers, 0, 0, attention_layers, 0), dense_gemm),
+            ("attention", (0, flops_per_pair, 0, 0, qo_width * ab * attention_layers, 0, 0, attention_layers, 0), act),
+            ("output_projection", (2 * o_params * attention_layers, 0, 0, o_params * wb * attention_layers,
+                                   (heads * v_dim + h) * ab * attention_layers, 0, 0, attention_layers, 0), dense_gemm),
         ]  # fmt: skip
+        mamba_layers = model.num_mamba_layers
+        self._state_row_bytes = 0.0
+        if mamba_layers:
+            projections = model.mamba_projection_params_per_layer
+            d_inner, heads_m = model.mamba_d_inner, model.mamba_num_heads
+            groups_state = model.mamba_n_groups * model.ssm_state_size
+            conv_dim = model.mamba_conv_dim
+            # Activation traffic per token and layer: in_proj reads h and writes z, x, B, C, dt; the
+            # conv reads and writes x, B, C; the scan reads x, B, C, dt and writes y; the gated norm
+            # reads y, z and writes d_inner; out_proj reads d_inner and writes h.
+            elements = (2 * h + (2 * d_inner + 2 * groups_state + heads_m) + 2 * conv_dim
+                        + (conv_dim + heads_m + d_inner) + 3 * d_inner + d_inner)  # fmt: skip
+            # The selective scan reads and writes every sequence's state once per step: bytes per row
+            # that computes anything, independent of its token count.
+            self._state_row_bytes = 2.0 * model.mamba_state_bytes_per_sequence
+            ops.append(("mamba", (2 * projections * mamba_layers + model.mamba_scan_flops_per_token, 0, 0,
+                                  (projections * wb + model.mamba_conv_params_per_layer * lb) * mamba_layers,
+                                  elements * ab * mamba_layers, 0, 0, 5 * mamba_layers, self._state_row_bytes),
+                        dense_gemm))  # fmt: skip
         dense_layers = model.num_dense_layers
         if dense_layers and model.dense_mlp_params_per_layer:
             width = model.intermediate_size
             params = model.dense_mlp_params_per_layer
-            ops.append(("mlp", 2 * params * dense_layers, 0, 0, params * wb * dense_layers,
-                        (2 * h + 4 * width) * ab * dense_layers, 0, 0, 3 * dense_layers))  # fmt: skip
+            ops.append(("mlp", (2 * params * dense_layers, 0, 0, params * wb * dense_layers,
+                                (2 * h + 4 * width) * ab * dense_layers, 0, 0, 3 * dense_layers, 0), dense_gemm))  # fmt: skip
         moe_layers = model.num_moe_layers
         self.moe_index = -1
         if moe_layers:
@@ -180,22 +220,23 @@ class Roofline:
             width = model.experts_per_token * model.moe_intermediate_size + model.shared_expert_intermediate_size
             per_token_params = model.experts_per_token * model.expert_params + model.shared_expert_params_per_layer
             router = model.router_params_per_layer
-            ops.append(("moe_router", 2 * router * moe_layers, 0, 0, router * wb * moe_layers,
-                        (h + experts) * ab * moe_layers, 0, 0, 2 * moe_layers))  # fmt: skip
+            ops.append(("moe_router", (2 * router * moe_layers, 0, 0, router * lb * moe_layers,
+                                       (h + experts) * ab * moe_layers, 0, 0, 2 * moe_layers, 0), head_gemm))  # fmt: skip
             self.moe_index = len(ops)
             # Weight bytes depend on how many distinct experts the step touches: set per step.
-            ops.append(("moe_experts", 2 * per_token_params * moe_layers, 0, 0, 0,
-                        (2 * h + 4 * width) * ab * moe_layers, 0, 0, 4 * moe_layers))  # fmt: skip
+            ops.append(("moe_experts", (2 * per_token_params * moe_layers, 0, 0, 0,
+                                        (2 * h + 4 * width) * ab * moe_layers, 0, 0, 4 * moe_layers, 0), expert_gemm))  # fmt: skip
         lm_head_params = h * model.vocab_size
-        ops.append(("lm_head", 0, 0, 2 * lm_head_params, lm_head_params * wb, 0, h * ab + model.vocab_size * 4, 0, 1))
+        ops.append(("lm_head", (0, 0, 2 * lm_head_params, lm_head_params * lb, 0, h * ab + model.vocab_size * 4, 0, 1, 0),
+                    head_gemm))
         if tp > 1:
-            # Two all-reduces per layer of the residual stream; a ring moves 2(tp-1)/tp of it per GPU.
-            ops.append(("tensor_parallel_all_reduce", 0, 0, 0, 0, 0, 0, 2 * layers * h * ab * 2 * (tp - 1), 2 * layers))
+            # One all-reduce per residual block of the residual stream; a ring moves 2(tp-1)/tp of it per GPU.
+            ops.append(("tensor_parallel_all_reduce", (0, 0, 0, 0, 0, 0, blocks * h * ab * 2 * (tp - 1), blocks, 0), act))
 
-        table = np.array([op[1:] for op in ops], dtype=np.float64)
+        table = np.array([op[1] for op in ops], dtype=np.float64)
         self.op_names = tuple(op[0] for op in ops)
         (self.flops_per_token, self.flops_per_key, self.flops_per_logit, self.weight_bytes,
-         self.act_per_token, self.act_per_logit, self.link_per_token, self.launches) = table.T  # fmt: skip
+         self.act_per_token, self.act_per_logit, self.link_per_token, self.launches, self.state_per_row) = table.T  # fmt: skip
         self.attention_mask = np.array([name == "attention" for name in self.op_names], dtype=np.float64)
         # The step loop runs over ~10 ops: plain floats are several times faster than numpy there.
         self._op_rows = [tuple(float(v) for v in row) for row in table]
@@ -203,6 +244,7 @@ class Roofline:
 
         gpu = hardware.gpu
         self.peak_flops = gpu.peak_flops(_compute_dtype(model)) * assumptions.compute_efficiency
+        self.op_peak_flops = np.array([gpu.peak_flops(op[2]) * assumptions.compute_efficiency for op in ops])
         self.bandwidth = gpu.memory_bandwidth_bytes_per_second * assumptions.memory_efficiency
         self.link = max(gpu.interconnect_bytes_per_second, 1.0) * assumptions.interconnect_efficiency
         self.idle_watts = gpu.idle_watts_or_default()
@@ -211,37 +253,42 @@ class Roofline:
         # The per-step fast path (``predict_phases``): each op's constants with the very divisors
         # ``_op_cost`` uses, so both paths take the same roofline branch for the same sums.
         launch = assumptions.kernel_launch_seconds
+        self._compute_divisors = [tp * float(peak) for peak in self.op_peak_flops]
         self._fast_ops = [
-            (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches * launch,
-             index == self._attention_index, index == self.moe_index)
-            for index, (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches) in enumerate(self._op_rows)
+            (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches * launch, s_row,
+             index == self._attention_index, index == self.moe_index, self._compute_divisors[index])
+            for index, (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches, s_row)
+            in enumerate(self._op_rows)
         ]  # fmt: skip
-        self._compute_divisor = tp * self.peak_flops
         self._memory_divisor = tp * self.bandwidth
         self._link_divisor = tp * self.link
         self._kv_bytes = float(model.kv_cache_bytes_per_token_per_layer)
+        self._attention_layers = attention_layers
         self._sliding_layers = model.num_sliding_window_layers
-        self._full_layers = model.num_layers - self._sliding_layers
+        self._full_layers = attention_layers - self._sliding_layers
         self._window = int(model.sliding_window or 0)
 
     def _moe_weight_bytes(self, total_tokens: float) -> float:
-        """Expert weights a step reads: the expected distinct experts its tokens route to (uniform routing)."""
+        """Expert weights a step reads: the expected distinct experts its tokens route to (uniform
+        routing), routed experts in their own dtype (MXFP4 in gpt-oss), shared ones in the linear dtype."""
         model = self.model
         if self.moe_index < 0 or not total_tokens:
             return 0.0
         experts, k = model.num_experts, model.experts_per_token
         touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens)
         return (
-            (touched * model.expert_params + model.shared_expert_params_per_layer)
-            * model.weight_bytes_per_param
-            * model.num_moe_layers
-        )
+            touched * model.expert_params * model.expert_weight_bytes_per_param
+            + model.shared_expert_params_per_layer * model.weight_bytes_per_param
+        ) * model.num_moe_layers
 
     def _op_cost(
-        self, index: int, row: tuple, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float, moe_bytes: float
+        self, index: int, row: tuple, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float,
+        state_sum: float, moe_bytes: float,
     ) -> tuple[float, ...]:
-        """One operator's totals, roofline times, seconds and energy for a step with these sums."""
-        f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches = row
+        """One operator's totals, roofline times, seconds and energy for a step with these sums.
+
+        Cache bytes are the attention op's K/V and the Mamba op's recurrent state."""
+        f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launches, s_row = row
         a, tp = self.assumptions, self.tensor_parallel
         if not total_tokens:
             weight = 0.0  # an empty step reads nothing
@@ -249,33 +296,37 @@ class Roofline:
             weight = moe_bytes
         flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
         activation = a_tok * total_tokens + a_logit * logit_sum
-        kv = kv_sum if index == self._attention_index else 0.0
+        cache = kv_sum if index == self._attention_index else state_sum if s_row else 0.0
         link = l_tok * total_tokens
-        compute_seconds = flops / (tp * self.peak_flops)
-        memory_seconds = (activation + kv + weight) / (tp * self.bandwidth)
+        compute_seconds = flops / self._compute_divisors[index]
+        memory_seconds = (activation + cache + weight) / (tp * self.bandwidth)
         link_seconds = link / (tp * self.link)
         transfer_seconds = max(memory_seconds, link_seconds)
         seconds = max(compute_seconds, transfer_seconds) + (launches * a.kernel_launch_seconds if total_tokens else 0.0)
         activity = a.compute_power_fraction * compute_seconds + a.memory_power_fraction * transfer_seconds
         dynamic_fraction = min(1.0, activity / seconds) if seconds > 0 else 0.0
         energy = self.gpus * seconds * (self.idle_watts + self.dynamic_watts * dynamic_fraction)
-        return flops, weight, activation, kv, link, compute_seconds, memory_seconds, link_seconds, seconds, energy
+        return flops, weight, activation, cache, link, compute_seconds, memory_seconds, link_seconds, seconds, energy
 
-    def step_totals(self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float) -> tuple[float, float]:
-        """(seconds, energy_j) of a step from its sums alone: no per-row split, plain floats (fast)."""
+    def step_totals(
+        self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float, state_sum: float = 0.0
+    ) -> tuple[float, float]:
+        """(seconds, energy_j) of a step from its sums alone: no per-row split, plain floats (fast).
+
+        ``state_sum``: recurrent-state bytes moved (2 x state per sequence for each row that computes)."""
         moe_bytes = self._moe_weight_bytes(total_tokens)
         seconds = energy = 0.0
         for index, row in enumerate(self._op_rows):
-            cost = self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, moe_bytes)
+            cost = self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, state_sum, moe_bytes)
             seconds += cost[8]
             energy += cost[9]
         return seconds, energy
 
     def _attended(self, context: float, tokens: float) -> tuple[float, float]:
-        """(keys attended, K/V tokens read) per request over all layers, for ``tokens`` new tokens after ``context``."""
+        """(keys attended, K/V tokens read) per request over all attention layers, for ``tokens`` new tokens after ``context``."""
         model = self.model
         sliding = model.num_sliding_window_layers
-        full = model.num_layers - sliding
+        full = model.num_attention_layers - sliding
         keys = full * (tokens * context + tokens * (tokens + 1) / 2)
         kv_read = full * (context + tokens)
         if sliding:
@@ -297,16 +348,17 @@ class Roofline:
         binding resource inside the range; tests bound the error elsewhere against step-by-step sums.
         """
         kv_bytes = self.model.kv_cache_bytes_per_token_per_layer
-        layers = self.model.num_layers
+        layers = self._attention_layers
         b = float(batch_size)
+        state_sum = b * self._state_row_bytes  # every request computes in every step
         keys, kv_read = self._attended(0.0, float(prompt_tokens))
         prefill_seconds, prefill_j = self.step_totals(
-            b * prompt_tokens, b * keys, b, b * (kv_read + layers * prompt_tokens) * kv_bytes
+            b * prompt_tokens, b * keys, b, b * (kv_read + layers * prompt_tokens) * kv_bytes, state_sum
         )
 
         def decode_step(context: float) -> tuple[float, float]:
             keys, kv_read = self._attended(context, 1.0)
-            return self.step_totals(b, b * keys, b, b * (kv_read + layers) * kv_bytes)
+            return self.step_totals(b, b * keys, b, b * (kv_read + layers) * kv_bytes, state_sum)
 
         steps = output_tokens - 1
         if steps <= 0:
@@ -331,15 +383,22 @@ class Roofline:
 
         The same numbers as ``prediction_from_cost(self.cost(step))`` (to float rounding; the tests
         compare them), in a few array operations: every row feature of ``cost`` is linear in
-        the basis t, t*c, t^2, logit rows, c*(t>0) (plus two sliding-window terms), t and c being a
-        row's tokens and context. So the step's sums, the phase totals and the per-row energies
-        are a (basis x 2 phases) sum and two small dot products; the per-op arithmetic runs once
-        on those sums in plain floats. This is the plugin worker's per-step path.
+        the basis t, c*(t>0), t*c, t^2, logit rows (plus two sliding-window terms, and t>0 for
+        models with a recurrent state), t and c being a row's tokens and context. So the step's
+        sums, the phase totals and the per-row energies are a (basis x 2 phases) sum and two small
+        dot products; the per-op arithmetic runs once on those sums in plain floats. This is the
+        plugin worker's per-step path.
         """
+        return self.phases_from_basis(*self.phase_basis(step))
+
+    def phase_basis(self, step: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """(basis, phase sums) of ``predict_phases``: the basis (rows as in ``BASIS_ROWS``) of the
+        step's 2n rows, and its sums over each phase's rows (basis x 2)."""
         n = len(step.request_ids)
         prefill, decode = step.prefill_tokens, step.decode_tokens
         sliding = self._sliding_layers
-        rows = 7 if sliding else 5
+        stateful = self._state_row_bytes > 0
+        rows = 5 + (2 if sliding else 0) + (1 if stateful else 0)
         basis = np.empty((rows, 2 * n))
         tokens, context = basis[0], basis[1]
         tokens[:n] = prefill
@@ -355,13 +414,25 @@ class Roofline:
             window = self._window
             basis[5] = _sliding_keys(context, tokens, window)
             np.multiply(np.minimum(context + tokens, window + tokens - 1), working, out=basis[6])
+        if stateful:
+            basis[rows - 1] = working
         np.multiply(context, working, out=context)  # row 1 becomes c*(t>0)
-        phase_sums = basis.reshape(rows, 2, n).sum(axis=2)  # (basis, phase)
+        return basis, basis.reshape(rows, 2, n).sum(axis=2)  # (basis, phase)
+
+    def phases_from_basis(
+        self, basis: np.ndarray, phase_sums: np.ndarray
+    ) -> tuple[float, float, float, float, np.ndarray, np.ndarray]:
+        """``predict_phases`` from ``phase_basis``."""
+        n = basis.shape[1] // 2
+        sliding = self._sliding_layers
+        stateful = self._state_row_bytes > 0
+        rows = basis.shape[0]
         sums = phase_sums.tolist()
 
         full = self._full_layers
-        layers = full + sliding
+        layers = self._attention_layers
         kv_bytes = self._kv_bytes
+        state_bytes = self._state_row_bytes
         total_tokens = sums[0][0] + sums[0][1]
         token_pairs = sums[2][0] + sums[2][1]
         token_squares = sums[3][0] + sums[3][1]
@@ -373,12 +444,13 @@ class Roofline:
             key_sum += sliding * (sums[5][0] + sums[5][1])
             kv_tokens += sliding * (sums[6][0] + sums[6][1])
         kv_sum = kv_tokens * kv_bytes
+        state_sum = state_bytes * (sums[rows - 1][0] + sums[rows - 1][1]) if stateful else 0.0
         seconds_weights, energy_weights, orphan_seconds, orphan_energy = self._feature_weights(
-            total_tokens, key_sum, logit_sum, kv_sum
+            total_tokens, key_sum, logit_sum, kv_sum, state_sum
         )
 
         def basis_weights(feature: list[float], orphan: float) -> list[float]:
-            f_tokens, f_keys, f_logits, f_kv, f_share = feature
+            f_tokens, f_keys, f_logits, f_kv, f_state, f_share = feature
             share = (f_share + orphan) / total_tokens if total_tokens else 0.0
             weights = [
                 f_tokens + f_keys * full / 2 + f_kv * kv_bytes * (full + layers) + share,
@@ -389,6 +461,8 @@ class Roofline:
             ]
             if sliding:
                 weights += [f_keys * sliding, f_kv * kv_bytes * sliding]
+            if stateful:
+                weights.append(f_state * state_bytes)
             return weights
 
         weights = np.array([basis_weights(seconds_weights, orphan_seconds), basis_weights(energy_weights, orphan_energy)])
@@ -399,29 +473,31 @@ class Roofline:
         return prefill_seconds, decode_seconds, prefill_j, decode_j, prefill_weights, decode_weights
 
     def _feature_weights(
-        self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float
+        self, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float, state_sum: float
     ) -> tuple[list[float], list[float], float, float]:
         """Per-feature seconds and energy weights of ``StepCost`` (seconds_per_feature, ...) from a
         step's sums: the operator loop of ``cost`` in plain floats, without the per-op arrays."""
         if not total_tokens:  # an empty step reads and computes nothing: every op costs 0
-            return [0.0] * 5, [0.0] * 5, 0.0, 0.0
+            return [0.0] * FEATURES, [0.0] * FEATURES, 0.0, 0.0
         a = self.assumptions
-        compute_divisor, memory_divisor, link_divisor = self._compute_divisor, self._memory_divisor, self._link_divisor
+        memory_divisor, link_divisor = self._memory_divisor, self._link_divisor
         compute_fraction, memory_fraction = a.compute_power_fraction, a.memory_power_fraction
         gpus, idle_watts, dynamic_watts = self.gpus, self.idle_watts, self.dynamic_watts
         moe_bytes = self._moe_weight_bytes(total_tokens)
-        s_tok = s_key = s_logit = s_kv = s_share = 0.0
-        e_tok = e_key = e_logit = e_kv = e_share = 0.0
+        s_tok = s_key = s_logit = s_kv = s_state = s_share = 0.0
+        e_tok = e_key = e_logit = e_kv = e_state = e_share = 0.0
         orphan_seconds = orphan_energy = 0.0
-        for f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launch_seconds, is_attention, is_moe in self._fast_ops:
+        for (f_tok, f_key, f_logit, weight, a_tok, a_logit, l_tok, launch_seconds, s_row, is_attention, is_moe,
+             compute_divisor) in self._fast_ops:  # fmt: skip
             if is_moe:
                 weight = moe_bytes
             flops = f_tok * total_tokens + f_key * key_sum + f_logit * logit_sum
             activation = a_tok * total_tokens + a_logit * logit_sum
             kv = kv_sum if is_attention else 0.0
+            state = state_sum if s_row else 0.0
             link = l_tok * total_tokens
             compute_seconds = flops / compute_divisor
-            memory_seconds = (activation + kv + weight) / memory_divisor
+            memory_seconds = (activation + kv + state + weight) / memory_divisor
             link_seconds = link / link_divisor
             transfer_seconds = max(memory_seconds, link_seconds)
             seconds = max(compute_seconds, transfer_seconds) + launch_seconds
@@ -446,7 +522,7 @@ class Roofline:
                     e_tok += e * l_tok
                     continue
             else:
-                moved = activation + kv + weight
+                moved = activation + kv + state + weight
                 if moved > 0:
                     s, e = seconds / moved, energy / moved
                     s_tok += s * a_tok
@@ -456,12 +532,20 @@ class Roofline:
                     if kv:
                         s_kv += s
                         e_kv += e
+                    if state:
+                        s_state += s
+                        e_state += e
                     s_share += s * weight
                     e_share += e * weight
                     continue
             orphan_seconds += seconds
             orphan_energy += energy
-        return [s_tok, s_key, s_logit, s_kv, s_share], [e_tok, e_key, e_logit, e_kv, e_share], orphan_seconds, orphan_energy
+        return (
+            [s_tok, s_key, s_logit, s_kv, s_state, s_share],
+            [e_tok, e_key, e_logit, e_kv, e_state, e_share],
+            orphan_seconds,
+            orphan_energy,
+        )
 
     def cost(self, step: StepShape) -> StepCost:
         model = self.model
@@ -472,7 +556,7 @@ class Roofline:
         total_tokens = float(tokens.sum())
         # One logit row per scheduled request (its last position) plus every speculative position.
         logits = np.concatenate([((prefill > 0) & (decode == 0)).astype(np.float64), decode.astype(np.float64)])
-        layers = model.num_layers
+        layers = model.num_attention_layers
         sliding_layers = model.num_sliding_window_layers
         full_layers = layers - sliding_layers
         keys = full_layers * _sliding_keys(context, tokens, None)
@@ -483,39 +567,44 @@ class Roofline:
             # The window includes the query itself: a chunk of T tokens reads at most w + T - 1 keys.
             kv_read_tokens = kv_read_tokens + sliding_layers * np.minimum(context + tokens, window + tokens - 1)
         kv_row = (kv_read_tokens + layers * tokens) * (model.kv_cache_bytes_per_token_per_layer * (tokens > 0))
+        state_row = self._state_row_bytes * (tokens > 0)
         token_share = tokens / total_tokens if total_tokens else np.zeros_like(tokens)
         key_sum, logit_sum, kv_sum = float(keys.sum()), float(logits.sum()), float(kv_row.sum())
+        state_sum = float(state_row.sum())
 
         moe_weight_bytes = self._moe_weight_bytes(total_tokens)
 
-        columns: list[list[float]] = [[] for _ in range(6)]  # flops, weight, act, kv, link, seconds
+        columns: list[list[float]] = [[] for _ in range(6)]  # flops, weight, act, cache, link, seconds
         energies: list[float] = []
-        coefficients: list[tuple[float, float, float, float, float]] = []
-        seconds_per_feature = [0.0] * 5
-        energy_per_feature = [0.0] * 5
+        coefficients: list[tuple[float, ...]] = []
+        seconds_per_feature = [0.0] * FEATURES
+        energy_per_feature = [0.0] * FEATURES
         orphan_seconds = orphan_energy = 0.0
         for index, row in enumerate(self._op_rows):
-            f_tok, f_key, f_logit, _, a_tok, a_logit, l_tok, _ = row
-            flops, weight, activation, kv, link, compute_seconds, memory_seconds, link_seconds, seconds, energy = (
-                self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, moe_weight_bytes)
+            f_tok, f_key, f_logit, _, a_tok, a_logit, l_tok, _, _ = row
+            flops, weight, activation, cache, link, compute_seconds, memory_seconds, link_seconds, seconds, energy = (
+                self._op_cost(index, row, total_tokens, key_sum, logit_sum, kv_sum, state_sum, moe_weight_bytes)
             )
-            moved = activation + kv + weight
+            moved = activation + cache + weight
             transfer_seconds = max(memory_seconds, link_seconds)
+            is_attention = index == self._attention_index
             # A row's share of the op is its share of the op's binding resource.
             if compute_seconds >= transfer_seconds:
-                coefficient, total = (f_tok, f_key, f_logit, 0.0, 0.0), flops
+                coefficient, total = (f_tok, f_key, f_logit, 0.0, 0.0, 0.0), flops
             elif link_seconds > memory_seconds:
-                coefficient, total = (l_tok, 0.0, 0.0, 0.0, 0.0), link
+                coefficient, total = (l_tok, 0.0, 0.0, 0.0, 0.0, 0.0), link
             else:
-                coefficient, total = (a_tok, 0.0, a_logit, 1.0 if kv else 0.0, weight), moved
+                coefficient = (a_tok, 0.0, a_logit, 1.0 if cache and is_attention else 0.0,
+                               1.0 if cache and not is_attention else 0.0, weight)  # fmt: skip
+                total = moved
             if total > 0:
-                for feature in range(5):
+                for feature in range(FEATURES):
                     seconds_per_feature[feature] += seconds / total * coefficient[feature]
                     energy_per_feature[feature] += energy / total * coefficient[feature]
             else:
                 orphan_seconds += seconds
                 orphan_energy += energy
-            for column, value in zip(columns, (flops, weight, activation, kv, link, seconds)):
+            for column, value in zip(columns, (flops, weight, activation, cache, link, seconds)):
                 column.append(value)
             energies.append(energy)
             coefficients.append(coefficient)
@@ -530,7 +619,7 @@ class Roofline:
             op_seconds=np.array(columns[5]),
             op_energy_j=np.array(energies),
             op_coefficients=np.array(coefficients),
-            row_features=np.stack([tokens, keys, logits, kv_row, token_share]),
+            row_features=np.stack([tokens, keys, logits, kv_row, state_row, token_share]),
             num_requests=n,
             seconds_per_feature=np.array(seconds_per_feature),
             energy_per_feature=np.array(energy_per_feature),
@@ -550,9 +639,17 @@ def step_cost(
     return Roofline(model, hardware, assumptions, pipeline_parallel).cost(step)
 
 
+def _gemm_dtype(weight_dtype: str, activation_dtype: str) -> str:
+    """The tensor-core precision of a GEMM with weights in ``weight_dtype``: fp8 weights run fp8
+    GEMMs (W8A8); fp4/MXFP4 run at the GPU's FP4 rate where it has one (the fallback chain in
+    ``hardware.py`` handles GPUs without); int4/int8 weight-only kernels dequantise to the
+    activation dtype, as do unquantised weights."""
+    if weight_dtype in ("fp8", "fp4", "mxfp4"):
+        return weight_dtype
+    return activation_dtype if activation_dtype in DTYPE_BYTES else "bf16"
+
+
 def _compute_dtype(model: ModelDescription) -> str:
-    """The tensor-core precision the GEMMs run in: fp8 weights run fp8 GEMMs; int4/fp4 weight-only
-    kernels dequantise to the activation dtype except fp4 on GPUs with fp4 units (handled by the fallback chain)."""
-    if model.weight_dtype in ("fp8", "fp4"):
-        return model.weight_dtype
-    return model.activation_dtype if model.activation_dtype in DTYPE_BYTES else "bf16"
+    """The precision of the model's main (non-expert linear) GEMMs; routed experts use
+    ``_gemm_dtype(model.expert_weight_dtype, ...)``."""
+    return _gemm_dtype(model.weight_dtype, model.activation_dtype)

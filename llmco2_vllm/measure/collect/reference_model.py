@@ -294,6 +294,9 @@ def _measured_layer_kinds(model: ModelDescription, num_layers: int) -> list[bool
 
 def check_supported(model: ModelDescription) -> None:
     """The reference transformer expresses GQA/MHA attention with dense or routed MLPs only."""
+    if model.is_hybrid:
+        raise ValueError(f"{model.name} mixes Mamba-2, attention and MLP blocks, which the reference "
+                         "transformer does not implement")
     if model.is_mla:
         raise ValueError(f"{model.name} uses multi-head latent attention (MLA), which the reference "
                          "transformer does not implement")

@@ -81,9 +81,13 @@ def check_supported(model: ModelDescription) -> None:
     """Raise ``UnsupportedGraphError`` for field combinations the graph builder does not express.
 
     Declared unsupported: MLA attention combined with sliding-window layers (no such model is
-    known; the graph has one attention node whose KV bytes assume one cache layout per layer), and
-    a model whose layers are neither dense nor MoE (no MLP at all).
+    known; the graph has one attention node whose KV bytes assume one cache layout per layer),
+    hybrid models whose blocks differ (Mamba-2 / attention / MLP), and a model whose layers are
+    neither dense nor MoE (no MLP at all).
     """
+    if model.is_hybrid:
+        # One representative layer cannot stand for blocks of different kinds (Nemotron-H).
+        raise UnsupportedGraphError(f"{model.name}: hybrid Mamba/attention/MLP blocks are not supported by the operator graph")
     if model.is_mla and model.num_sliding_window_layers > 0:
         raise UnsupportedGraphError(f"{model.name}: MLA with sliding-window layers is not supported by the operator graph")
     if model.num_dense_layers == 0 and model.num_moe_layers == 0:
@@ -216,7 +220,9 @@ class StepGraphBuilder:
             _log(m.hidden_size, 4.0), _log(m.num_layers, 2.0), _log(m.num_attention_heads, 2.0),
             _log(m.num_kv_heads, 2.0), _log(m.intermediate_size or m.moe_intermediate_size, 5.0),
             _log(m.vocab_size, 6.0), _log(m.num_experts, 2.0), _log(m.experts_per_token, 1.0),
-            _log(m.active_params_per_token, 12.0), float(m.is_mla), m.weight_bytes_per_param / 2.0,
+            # Mean stored bytes per weight: with per-group dtypes (MXFP4 experts, bf16 LM head) the
+            # bulk of the weights, not the linear-layer dtype alone, sets the bytes a step streams.
+            _log(m.active_params_per_token, 12.0), float(m.is_mla), m.weight_bytes / m.total_params / 2.0,
             m.num_sliding_window_layers / m.num_layers,
         ]
 

@@ -266,6 +266,7 @@ class GnnPredictor:
         if self.fallback_reason:
             return
         self.fallback_reason = reason
+        self.name = "analytic-fallback"  # a predictor named gnn is never silently something else
         warnings.warn(f"GnnPredictor ({self.model.name}): falling back to the analytic predictor: {reason}",
                       RuntimeWarning, stacklevel=3)
 

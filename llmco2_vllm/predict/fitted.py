@@ -1,0 +1,444 @@
+"""The fitted time and power model: kernel-class efficiencies and overheads learned from measured vLLM serving.
+
+Step time, per GPU (every term from :mod:`llmco2_vllm.predict.step_terms`, seconds at datasheet speed)::
+
+    t = smooth_max(weights_dense, compute_dense) + smooth_max(weights_expert, compute_expert)
+        + kv_factor x kv_read + attention_factor x attention_compute + mamba_factor x mamba
+        + all-reduce (bytes x factor + calls x seconds) + all-to-all (same)
+        + layers x layer_seconds + sequences x sequence_seconds + step_seconds
+
+where each ``weights`` is a factor times the bytes streamed (narrow formats with their own learned
+factor: their real, not nominal, speed-up), each ``compute`` a factor times the FLOPs at peak, and
+``smooth_max(a, b) = (a^p + b^p)^(1/p)`` joins the memory- and compute-bound regimes of a GEMM
+with a learned sharpness ``p``. Per-step and per-sequence overheads are learned per vLLM version
+(the newest measured version stands in for any other).
+
+Power, per GPU: ``idle + (TDP - idle) x soft_clip(base + compute_activity x compute share +
+memory_activity x memory share)``, the shares being the parts of the step time in compute- and
+memory-bound work; idle is the catalog's measured idle power where there is one, else a learned
+fraction of TDP. Energy = power x time.
+
+Fitting (``fit``): log residuals of measured step time (then of measured power), plus a pull of
+every parameter toward a physical prior (a ridge in log space), within physical bounds; SciPy's
+``least_squares`` (only fitting needs SciPy; prediction needs NumPy alone). The shipped parameters
+and the cross-validated residual quantiles live in ``data/fitted_model.json`` (``llmco2 eval --write-model``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from llmco2_vllm.predict.hardware import GpuSpec
+from llmco2_vllm.predict.step_shape import StepShape
+from llmco2_vllm.predict.step_terms import TERM_INDEX, TERM_NAMES, StepTerms
+
+if TYPE_CHECKING:
+    from llmco2_vllm.predict.predictor import StepPrediction
+
+#: The vLLM version whose overheads stand in for versions never measured (the plugin's own among them).
+NEWEST_SOFTWARE = "vllm-0.11.1"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    prior: float
+    low: float
+    high: float
+    doc: str
+    prior_width: float = math.log(3.0)  # one standard deviation of the log-space prior
+
+
+TIME_PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("dense_weight_factor", 1.2, 1.0, 5.0, "non-expert weight streaming: measured / datasheet-bandwidth time"),
+    Parameter("expert_weight_factor", 1.4, 1.0, 10.0, "routed-expert weight streaming (grouped GEMMs of few tokens)"),
+    Parameter("weight_8bit_factor", 1.0, 0.5, 3.0, "8-bit weights: extra time per byte vs 16-bit (dequantise, scales)"),
+    Parameter("weight_4bit_factor", 1.0, 0.5, 4.0, "4-bit weights: extra time per byte vs 16-bit"),
+    Parameter("dense_compute_factor", 1.4, 1.0, 10.0, "non-expert GEMMs: measured / peak-FLOPs time"),
+    Parameter("expert_compute_factor", 2.0, 1.0, 20.0, "routed-expert GEMMs: measured / peak-FLOPs time"),
+    Parameter("compute_8bit_factor", 1.3, 0.5, 3.0, "8-bit GEMMs: extra time vs their datasheet peak, relative to 16-bit"),
+    Parameter("overlap_sharpness", 3.0, 1.0, 12.0, "p of the smooth max of memory and compute time", math.log(2.0)),
+    Parameter("activation_factor", 1.5, 1.0, 20.0, "non-expert activation traffic: measured / datasheet-bandwidth time"),
+    Parameter("expert_activation_factor", 2.0, 1.0, 50.0, "routed-token activation traffic (permute, intermediates)"),
+    Parameter("kv_factor", 1.3, 1.0, 10.0, "attention K/V reads: measured / datasheet-bandwidth time"),
+    Parameter("attention_compute_factor", 2.0, 1.0, 20.0, "attention FLOPs: measured / peak time"),
+    Parameter("mamba_factor", 2.0, 1.0, 50.0, "Mamba-2 state traffic and scan: measured / datasheet time"),
+    Parameter("alltoall_bytes_factor", 1.5, 1.0, 20.0, "expert-parallel dispatch/combine bytes: measured / link time"),
+    Parameter("alltoall_call_seconds", 30e-6, 1e-6, 2e-3, "fixed cost of one dispatch or combine"),
+    Parameter("layer_seconds", 10e-6, 1e-7, 300e-6, "per block and step: kernel launches, graph replay"),
+)
+#: Learned per vLLM version ("<name>@<software>").
+SOFTWARE_PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("allreduce_bytes_factor", 1.5, 1.0, 20.0, "all-reduce bytes: measured / link-bandwidth time"),
+    Parameter("allreduce_call_seconds", 10e-6, 1e-6, 300e-6, "fixed cost of one all-reduce call"),
+    Parameter("sequence_seconds", 20e-6, 1e-7, 1e-3, "per scheduled sequence and step: input preparation, sampling"),
+    Parameter("step_seconds", 2e-3, 1e-5, 0.05, "per step: scheduling, synchronisation, launch"),
+)
+POWER_PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("idle_fraction", 0.175, 0.05, 0.4, "idle power / TDP where the catalog has no measured idle power"),
+    Parameter("overhead_activity", 0.1, 1e-3, 1.0, "dynamic power share of a busy GPU at no utilisation (clocks up, host-bound gaps)"),
+    Parameter("communication_activity", 0.2, 1e-3, 1.5, "dynamic power share during collectives and their waits"),
+    Parameter("compute_activity", 1.0, 0.05, 3.0, "dynamic power share at 100 % of datasheet FLOP/s"),
+    Parameter("memory_activity", 0.6, 0.05, 3.0, "dynamic power share at 100 % of datasheet memory bandwidth"),
+)
+
+
+#: The parts of a step's time (``FittedModel.linear_map``).
+PARTS = (
+    "dense_weights", "dense_compute", "expert_weights", "expert_compute", "memory", "attention",
+    "communication", "overhead", "datasheet_compute", "datasheet_memory",
+)  # fmt: skip
+
+
+def _soft_clip(x: np.ndarray) -> np.ndarray:
+    """~x below 1, saturating at 1 (a GPU cannot draw more than its power limit)."""
+    return x / (1.0 + x**4) ** 0.25
+
+
+@dataclass
+class FittedModel:
+    """Fitted parameters, with the software versions they cover and the cross-validated error band."""
+
+    parameters: dict[str, float]
+    software: tuple[str, ...] = (NEWEST_SOFTWARE,)
+    #: quantiles (10 %, 50 %, 90 %) of log(measured / predicted) energy in cross-validation by held-out model
+    energy_log_quantiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    # --- prediction -----------------------------------------------------------------------
+    def _software(self, software: str | None) -> str:
+        return software if software in self.software else (NEWEST_SOFTWARE if NEWEST_SOFTWARE in self.software else self.software[-1])
+
+    def linear_map(self, software: str | None = None) -> np.ndarray:
+        """(PARTS x terms): the parts of a step's time are linear in its terms (``combine`` joins them)."""
+        p = self.parameters
+        version = self._software(software)
+        i = TERM_INDEX
+        matrix = np.zeros((len(PARTS), len(TERM_NAMES)))
+        weight_factor = (1.0, p["weight_8bit_factor"], p["weight_4bit_factor"])
+        for column, factor in enumerate(weight_factor):
+            matrix[0, column] = p["dense_weight_factor"] * factor
+            matrix[2, 3 + column] = p["expert_weight_factor"] * factor
+            # Narrow weights keep the SMs dequantising while they stream: for power their bytes count
+            # at the time they take relative to 16-bit ones.
+            matrix[9, column] = matrix[9, 3 + column] = factor
+        for row, (kind, factor) in ((1, ("dense", "dense_compute_factor")), (3, ("expert", "expert_compute_factor"))):
+            matrix[row, i[f"{kind}_compute_16bit"]] = p[factor]
+            matrix[row, i[f"{kind}_compute_8bit"]] = p[factor] * p["compute_8bit_factor"]
+            matrix[8, i[f"{kind}_compute_16bit"]] = matrix[8, i[f"{kind}_compute_8bit"]] = 1.0
+        for term, factor in (("activations", "activation_factor"), ("expert_activations", "expert_activation_factor"),
+                             ("kv_read", "kv_factor"), ("mamba", "mamba_factor")):  # fmt: skip
+            matrix[4, i[term]] = p[factor]
+            matrix[9, i[term]] = 1.0
+        matrix[5, i["attention_compute"]] = p["attention_compute_factor"]
+        matrix[8, i["attention_compute"]] = 1.0
+        matrix[6, i["allreduce_bytes"]] = p[f"allreduce_bytes_factor@{version}"]
+        matrix[6, i["allreduce_calls"]] = p[f"allreduce_call_seconds@{version}"]
+        matrix[6, i["alltoall_bytes"]] = p["alltoall_bytes_factor"]
+        matrix[6, i["alltoall_calls"]] = p["alltoall_call_seconds"]
+        matrix[7, i["layers"]] = p["layer_seconds"]
+        matrix[7, i["sequences"]] = p[f"sequence_seconds@{version}"]
+        matrix[7, i["step"]] = p[f"step_seconds@{version}"]
+        return matrix
+
+    def combine(self, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(seconds, datasheet compute seconds, datasheet memory seconds, communication seconds) from
+        ``linear_map @ terms``. The datasheet times over the step time are its compute and memory
+        utilisation, which drive its power."""
+        p = self.parameters["overlap_sharpness"]
+        # parts: an array (rows on axis 1) or a list of floats (one step)
+        dense = (parts[0] ** p + parts[1] ** p) ** (1.0 / p)
+        expert = (parts[2] ** p + parts[3] ** p) ** (1.0 / p)
+        seconds = dense + expert + parts[4] + parts[5] + parts[6] + parts[7]
+        return seconds, parts[8], parts[9], parts[6]
+
+    def time_parts(self, terms: np.ndarray, software: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``combine`` of steps with these terms (axis 0)."""
+        return self.combine(np.tensordot(self.linear_map(software), terms, axes=1))
+
+    def step_seconds(self, terms: np.ndarray, software: str | None = None) -> np.ndarray:
+        return self.time_parts(terms, software)[0]
+
+    def idle_watts(self, gpu: GpuSpec) -> float:
+        return gpu.idle_watts if gpu.idle_watts is not None else self.parameters["idle_fraction"] * gpu.tdp_watts
+
+    def power_watts(
+        self, gpu: GpuSpec, seconds: np.ndarray, compute: np.ndarray, memory: np.ndarray, communication: np.ndarray
+    ) -> np.ndarray:
+        """Average power of one GPU over steps with these time parts (``time_parts``): idle power plus
+        dynamic power driven by the compute and memory utilisation and the share of time in collectives."""
+        p = self.parameters
+        idle = self.idle_watts(gpu)
+        # Plain arithmetic, so that floats (the plugin's per-step path) and arrays (fitting) both work.
+        busy = seconds > 0
+        per_second = busy / (seconds + (1 - busy))  # 1 / seconds, 0 for an empty step
+        activity = (
+            p["compute_activity"] * compute + p["memory_activity"] * memory + p["communication_activity"] * communication
+        ) * per_second + p["overhead_activity"] * busy
+        return idle + (gpu.tdp_watts - idle) * _soft_clip(activity)
+
+    # --- persistence --------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({
+            "parameters": self.parameters, "software": list(self.software),
+            "energy_log_quantiles": list(self.energy_log_quantiles), "notes": self.notes,
+        }, indent=1, sort_keys=True)  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> "FittedModel":
+        data = json.loads(text)
+        return cls(
+            parameters={k: float(v) for k, v in data["parameters"].items()},
+            software=tuple(data["software"]),
+            energy_log_quantiles=tuple(float(q) for q in data["energy_log_quantiles"]),  # type: ignore[arg-type]
+            notes=dict(data.get("notes") or {}),
+        )
+
+
+@functools.cache
+def shipped_model() -> FittedModel:
+    """The parameters fitted on every measured row (``data/fitted_model.json``)."""
+    text = resources.files("llmco2_vllm").joinpath("data/fitted_model.json").read_text(encoding="utf-8")
+    return FittedModel.from_json(text)
+
+
+# --- fitting -----------------------------------------------------------------------------------
+
+
+def _parameter_table(software: Sequence[str]) -> list[Parameter]:
+    table = list(TIME_PARAMETERS)
+    for version in software:
+        table += [Parameter(f"{p.name}@{version}", p.prior, p.low, p.high, p.doc, p.prior_width) for p in SOFTWARE_PARAMETERS]
+    return table
+
+
+def prior_model(software: Sequence[str] = (NEWEST_SOFTWARE,)) -> FittedModel:
+    """The model at its priors (no data): what the fit starts from and is pulled toward."""
+    parameters = {p.name: p.prior for p in _parameter_table(software)}
+    parameters.update({p.name: p.prior for p in POWER_PARAMETERS})
+    return FittedModel(parameters, tuple(software))
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """What fitting needs of one measured row: its mean-step terms and the measured values."""
+
+    terms: np.ndarray  # TERM_NAMES
+    software: str
+    gpu: GpuSpec
+    step_seconds: float
+    power_watts_per_gpu: float
+    weight: float = 1.0
+
+
+def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
+    """Fit time parameters on the rows' step times, then power parameters on their power."""
+    from scipy.optimize import least_squares
+
+    software = tuple(sorted({row.software for row in rows}))
+    model = prior_model(software)
+    terms = np.stack([row.terms for row in rows], axis=1)
+    measured_seconds = np.array([row.step_seconds for row in rows])
+    weights = np.sqrt(np.array([row.weight for row in rows]))
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(row.software, []).append(index)
+
+    table = _parameter_table(software)
+    names = [p.name for p in table]
+    prior = np.log([p.prior for p in table])
+    widths = np.array([p.prior_width for p in table])
+    low, high = np.log([p.low for p in table]), np.log([p.high for p in table])
+    scale = math.sqrt(prior_strength)
+
+    def time_residuals(x: np.ndarray) -> np.ndarray:
+        model.parameters.update(zip(names, np.exp(x)))
+        predicted = np.empty(len(rows))
+        for version, index in groups.items():
+            predicted[index] = model.step_seconds(terms[:, index], version)
+        return np.concatenate([weights * np.log(predicted / measured_seconds), scale * (x - prior) / widths])
+
+    solution = least_squares(time_residuals, np.clip(prior, low, high), bounds=(low, high), method="trf", x_scale=1.0)
+    model.parameters.update(zip(names, np.exp(solution.x)))
+
+    parts = np.empty((4, len(rows)))
+    for version, index in groups.items():
+        parts[:, index] = np.array(model.time_parts(terms[:, index], version))
+    measured_power = np.array([row.power_watts_per_gpu for row in rows])
+    power_table = list(POWER_PARAMETERS)
+    power_names = [p.name for p in power_table]
+    power_prior = np.log([p.prior for p in power_table])
+    power_widths = np.array([p.prior_width for p in power_table])
+    power_low, power_high = np.log([p.low for p in power_table]), np.log([p.high for p in power_table])
+
+    def power_residuals(x: np.ndarray) -> np.ndarray:
+        model.parameters.update(zip(power_names, np.exp(x)))
+        predicted = np.array([
+            model.power_watts(row.gpu, *parts[:, i : i + 1])[0]
+            for i, row in enumerate(rows)
+        ])
+        return np.concatenate([weights * np.log(predicted / measured_power), scale * (x - power_prior) / power_widths])
+
+    solution = least_squares(power_residuals, power_prior, bounds=(power_low, power_high), method="trf")
+    model.parameters.update(zip(power_names, np.exp(solution.x)))
+    return model
+
+
+# --- predictions for serving rows --------------------------------------------------------------
+
+
+def fit_row(measurement: Any, describe, prompt_scale: float = 1.0) -> FitRow:
+    """The mean step of a measured serving row (``serving_measurements.ServingMeasurement``) as a ``FitRow``."""
+    terms = serving_terms(measurement, describe, prompt_scale)
+    return FitRow(
+        terms=terms, software=measurement.software, gpu=_gpu(measurement.gpu),
+        step_seconds=measurement.step_seconds, power_watts_per_gpu=measurement.power_watts / measurement.num_gpus,
+    )  # fmt: skip
+
+
+def _gpu(name: str) -> GpuSpec:
+    from llmco2_vllm.predict.hardware import find_gpu
+
+    return find_gpu(name)
+
+
+def serving_terms(measurement: Any, describe, prompt_scale: float = 1.0) -> np.ndarray:
+    """Terms of the mean step of steady-state serving for a measured row's configuration."""
+    builder = StepTerms(
+        describe(measurement.model), _gpu(measurement.gpu), measurement.tensor_parallel,
+        measurement.data_parallel, measurement.expert_parallel,
+    )  # fmt: skip
+    # Pipeline stages each hold a micro-batch: a request advances one token per pass of all stages.
+    micro_batch = measurement.batch_size / measurement.pipeline_parallel
+    sums = builder.serving_sums(
+        micro_batch, measurement.prompt_tokens * prompt_scale, measurement.output_tokens, measurement.running_age_tokens
+    )
+    return builder.from_sums(sums)
+
+
+def predict_serving(model: FittedModel, rows: Sequence[FitRow], measurements: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Predicted step seconds, power (all GPUs) and energy per request of measured serving rows."""
+    seconds = np.empty(len(rows))
+    power = np.empty(len(rows))
+    for index, (row, measurement) in enumerate(zip(rows, measurements)):
+        parts = model.time_parts(row.terms[:, None], row.software)
+        seconds[index] = parts[0][0]
+        power[index] = model.power_watts(row.gpu, *parts)[0] * measurement.num_gpus
+    batch = np.array([m.batch_size for m in measurements])
+    output = np.array([m.output_tokens for m in measurements])
+    # With pipeline stages every stage works on its own micro-batch: batch tokens per full pass.
+    energy_per_token = power * seconds / batch
+    return {"step_seconds": seconds, "power_watts": power, "energy_per_request_j": energy_per_token * output}
+
+
+__all__ = ["FittedModel", "FitRow", "fit", "prior_model", "shipped_model", "TERM_NAMES", "NEWEST_SOFTWARE"]
+
+
+# --- the plugin's predictor ----------------------------------------------------------------------
+
+
+class FittedPredictor:
+    """Step time and energy from the fitted model (``LLMCO2_PREDICTOR=fitted``, the default).
+
+    The fitted model gives a step's total time and energy; the roofline splits them into the prefill
+    and decode parts and over the step's requests (its per-phase and per-request work shares).
+    Energy is the model's median: the raw prediction times the cross-validated median ratio.
+    ``ratio_range`` is the 80 % band of measured / predicted around that median, wider for a model
+    whose architecture is only approximated (``ModelDescription.approximation``).
+    """
+
+    name = "fitted"
+
+    def __init__(
+        self, model: Any, hardware: Any, pipeline_parallel: int = 1, parameters: FittedModel | None = None
+    ) -> None:
+        from llmco2_vllm.predict.roofline import Roofline
+
+        self.parameters = parameters or shipped_model()
+        self.gpu = hardware.gpu
+        self.num_gpus = hardware.num_gpus
+        self.terms = StepTerms(model, hardware.gpu, hardware.tensor_parallel)
+        # Sums -> parts of the step time in one small matrix product (per step: ~10 x 9).
+        self._parts_of_basis = self.parameters.linear_map() @ self.terms.matrix
+        self.roofline = Roofline(model, hardware, pipeline_parallel=pipeline_parallel)
+        low, middle, high = self.parameters.energy_log_quantiles
+        self.median_factor = math.exp(middle)
+        widen = APPROXIMATION_WIDENING if getattr(model, "approximation", "") else 1.0
+        self.ratio_range = (math.exp((low - middle) * widen), math.exp((high - middle) * widen))
+
+    def step_seconds_and_energy(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds, energy J of all GPUs) of steps with these sums (``SUM_NAMES`` on axis 0)."""
+        parts = self.parameters.combine(self._parts_of_basis @ self.terms.basis(sums))
+        power = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus
+        return parts[0], power * parts[0] * self.median_factor
+
+    def _step_totals(self, sums: np.ndarray) -> tuple[float, float]:
+        """``step_seconds_and_energy`` of one step, in plain floats (the per-step path)."""
+        parts = self.parameters.combine((self._parts_of_basis @ self.terms.basis(sums)).tolist())
+        power = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus
+        return parts[0], power * parts[0] * self.median_factor
+
+    def predict_step(self, step: StepShape) -> "StepPrediction":
+        from llmco2_vllm.predict.predictor import StepPrediction
+
+        # The roofline's per-row basis gives the step's sums too (its rows: tokens, context of working
+        # rows, tokens x context, tokens^2, logit rows, then the sliding-window keys and K/V).
+        basis, phase_sums = self.roofline.phase_basis(step)
+        total = phase_sums.sum(axis=1).tolist()
+        sequences = float(np.count_nonzero(step.prefill_tokens + step.decode_tokens))
+        tokens = total[0]
+        sums = [sequences, tokens, total[4], total[1] + tokens, 0.0, total[2] + (total[3] + tokens) / 2, 0.0]
+        if self.terms.sliding_layers and self.terms.window:
+            sums[4], sums[6] = total[6], total[5]
+        t, e = self._step_totals(np.array(sums))
+        prefill_s, decode_s, prefill_j, decode_j, prefill_w, decode_w = self.roofline.phases_from_basis(basis, phase_sums)
+        time_share = prefill_s / (prefill_s + decode_s) if prefill_s + decode_s > 0 else 0.0
+        energy_share = prefill_j / (prefill_j + decode_j) if prefill_j + decode_j > 0 else 0.0
+        return StepPrediction(
+            t * time_share, t * (1.0 - time_share), e * energy_share, e * (1.0 - energy_share), prefill_w, decode_w
+        )
+
+    def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
+        """(prefill_seconds, prefill_j, decode_seconds, decode_j) of a static batch (``static_batches``)."""
+        return self.static_batches([(batch_size, prompt_tokens, output_tokens)])[0]
+
+    def static_batches(self, shapes: Sequence[tuple[int, int, int]]) -> list[tuple[float, float, float, float]]:
+        """``static_batch`` of several (batch, prompt, output) shapes in one array evaluation (a
+        request forecast needs up to six). Each batch is its prefill step and its decode steps,
+        evaluated at ``STATIC_BATCH_SAMPLES`` contexts and summed with the trapezoid rule: step time
+        is linear in the context (kinked where a sliding window fills) and energy nearly so."""
+        columns, spans, start = [], [], 0
+        for batch_size, prompt_tokens, output_tokens in shapes:
+            steps = output_tokens - 1
+            first, last = float(prompt_tokens), float(prompt_tokens + max(steps, 1) - 1)
+            contexts = np.linspace(first, last, STATIC_BATCH_SAMPLES if steps > 1 else 1)
+            spans.append((start, contexts, steps))
+            columns += [self.terms.prefill_sums(batch_size, prompt_tokens)[:, None], self.terms.decode_sums(batch_size, contexts)]
+            start += 1 + len(contexts)
+        seconds, energy = self.step_seconds_and_energy(np.concatenate(columns, axis=1))
+        trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+        results = []
+        for start, contexts, steps in spans:
+            prefill_s, prefill_j = float(seconds[start]), float(energy[start])
+            decode_s_samples, decode_j_samples = seconds[start + 1 : start + 1 + len(contexts)], energy[start + 1 : start + 1 + len(contexts)]
+            if steps <= 0:
+                results.append((prefill_s, prefill_j, 0.0, 0.0))
+            elif len(contexts) == 1:
+                results.append((prefill_s, prefill_j, float(decode_s_samples[0]) * steps, float(decode_j_samples[0]) * steps))
+            else:
+                per_step = steps / float(contexts[-1] - contexts[0])
+                results.append((prefill_s, prefill_j, float(trapezoid(decode_s_samples, contexts)) * per_step,
+                                float(trapezoid(decode_j_samples, contexts)) * per_step))  # fmt: skip
+        return results
+
+
+#: A model whose architecture is only approximated (parameter count) gets its log error band this much wider.
+APPROXIMATION_WIDENING = 2.0
+STATIC_BATCH_SAMPLES = 9
