@@ -57,11 +57,9 @@ class Parameter:
 
 
 TIME_PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("dense_weight_factor", 1.2, 1.0, 5.0, "non-expert weight streaming: measured / datasheet-bandwidth time"),
     Parameter("expert_weight_factor", 1.4, 1.0, 10.0, "routed-expert weight streaming (grouped GEMMs of few tokens)"),
     Parameter("weight_8bit_factor", 1.0, 0.5, 3.0, "8-bit weights: extra time per byte vs 16-bit (dequantise, scales)"),
     Parameter("weight_4bit_factor", 1.0, 0.5, 4.0, "4-bit weights: extra time per byte vs 16-bit"),
-    Parameter("dense_compute_factor", 1.4, 1.0, 10.0, "non-expert GEMMs: measured / peak-FLOPs time"),
     Parameter("expert_compute_factor", 2.0, 1.0, 20.0, "routed-expert GEMMs: measured / peak-FLOPs time"),
     Parameter("compute_8bit_factor", 1.3, 0.5, 3.0, "8-bit GEMMs: extra time vs their datasheet peak, relative to 16-bit"),
     Parameter("overlap_sharpness", 3.0, 1.0, 12.0, "p of the smooth max of memory and compute time", math.log(2.0)),
@@ -76,6 +74,8 @@ TIME_PARAMETERS: tuple[Parameter, ...] = (
 )
 #: Learned per vLLM version ("<name>@<software>").
 SOFTWARE_PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("dense_compute_factor", 1.4, 1.0, 10.0, "non-expert GEMMs: measured / peak-FLOPs time"),
+    Parameter("dense_weight_factor", 1.2, 1.0, 5.0, "non-expert weight streaming: measured / datasheet-bandwidth time"),
     Parameter("allreduce_bytes_factor", 1.5, 1.0, 20.0, "all-reduce bytes: measured / link-bandwidth time"),
     Parameter("allreduce_call_seconds", 10e-6, 1e-6, 300e-6, "fixed cost of one all-reduce call"),
     Parameter("sequence_seconds", 20e-6, 1e-7, 1e-3, "per scheduled sequence and step: input preparation, sampling"),
@@ -83,6 +83,9 @@ SOFTWARE_PARAMETERS: tuple[Parameter, ...] = (
 )
 POWER_PARAMETERS: tuple[Parameter, ...] = (
     Parameter("idle_fraction", 0.175, 0.05, 0.4, "idle power / TDP where the catalog has no measured idle power"),
+)
+#: Learned per vLLM version: how busy a version's kernels keep the GPU at a given utilisation.
+SOFTWARE_POWER_PARAMETERS: tuple[Parameter, ...] = (
     Parameter("overhead_activity", 0.1, 1e-3, 1.0, "dynamic power share of a busy GPU at no utilisation (clocks up, host-bound gaps)"),
     Parameter("communication_activity", 0.2, 1e-3, 1.5, "dynamic power share during collectives and their waits"),
     Parameter("compute_activity", 1.0, 0.05, 3.0, "dynamic power share at 100 % of datasheet FLOP/s"),
@@ -95,6 +98,9 @@ PARTS = (
     "dense_weights", "dense_compute", "expert_weights", "expert_compute", "memory", "attention",
     "communication", "overhead", "datasheet_compute", "datasheet_memory",
 )  # fmt: skip
+
+
+_SOFTWARE_POWER_NAMES = ("overhead_activity", "communication_activity", "compute_activity", "memory_activity")
 
 
 def _soft_clip(x: np.ndarray) -> np.ndarray:
@@ -124,12 +130,12 @@ class FittedModel:
         matrix = np.zeros((len(PARTS), len(TERM_NAMES)))
         weight_factor = (1.0, p["weight_8bit_factor"], p["weight_4bit_factor"])
         for column, factor in enumerate(weight_factor):
-            matrix[0, column] = p["dense_weight_factor"] * factor
+            matrix[0, column] = p[f"dense_weight_factor@{version}"] * factor
             matrix[2, 3 + column] = p["expert_weight_factor"] * factor
             # Narrow weights keep the SMs dequantising while they stream: for power their bytes count
             # at the time they take relative to 16-bit ones.
             matrix[9, column] = matrix[9, 3 + column] = factor
-        for row, (kind, factor) in ((1, ("dense", "dense_compute_factor")), (3, ("expert", "expert_compute_factor"))):
+        for row, (kind, factor) in ((1, ("dense", f"dense_compute_factor@{version}")), (3, ("expert", "expert_compute_factor"))):
             matrix[row, i[f"{kind}_compute_16bit"]] = p[factor]
             matrix[row, i[f"{kind}_compute_8bit"]] = p[factor] * p["compute_8bit_factor"]
             matrix[8, i[f"{kind}_compute_16bit"]] = matrix[8, i[f"{kind}_compute_8bit"]] = 1.0
@@ -170,11 +176,13 @@ class FittedModel:
         return gpu.idle_watts if gpu.idle_watts is not None else self.parameters["idle_fraction"] * gpu.tdp_watts
 
     def power_watts(
-        self, gpu: GpuSpec, seconds: np.ndarray, compute: np.ndarray, memory: np.ndarray, communication: np.ndarray
+        self, gpu: GpuSpec, seconds: np.ndarray, compute: np.ndarray, memory: np.ndarray, communication: np.ndarray,
+        software: str | None = None,
     ) -> np.ndarray:
         """Average power of one GPU over steps with these time parts (``time_parts``): idle power plus
         dynamic power driven by the compute and memory utilisation and the share of time in collectives."""
-        p = self.parameters
+        version = self._software(software)
+        p = {name: self.parameters[f"{name}@{version}"] for name in _SOFTWARE_POWER_NAMES}
         idle = self.idle_watts(gpu)
         # Plain arithmetic, so that floats (the plugin's per-step path) and arrays (fitting) both work.
         busy = seconds > 0
@@ -193,10 +201,21 @@ class FittedModel:
 
     @classmethod
     def from_json(cls, text: str) -> "FittedModel":
+        """Parse and check a model file: every parameter the code needs must be there."""
         data = json.loads(text)
+        software = tuple(data["software"])
+        needed = {p.name for p in _parameter_table(software)} | {
+            p.name for p in _parameter_table(software, POWER_PARAMETERS, SOFTWARE_POWER_PARAMETERS)
+        }
+        missing = sorted(needed - set(data["parameters"]))
+        if missing:
+            raise ValueError(
+                f"fitted model file lacks parameters {', '.join(missing[:5])}: it was written by another version of "
+                "llmco2-vllm; regenerate it with `make model` (llmco2 eval)"
+            )
         return cls(
             parameters={k: float(v) for k, v in data["parameters"].items()},
-            software=tuple(data["software"]),
+            software=software,
             energy_log_quantiles=tuple(float(q) for q in data["energy_log_quantiles"]),  # type: ignore[arg-type]
             notes=dict(data.get("notes") or {}),
         )
@@ -212,17 +231,18 @@ def shipped_model() -> FittedModel:
 # --- fitting -----------------------------------------------------------------------------------
 
 
-def _parameter_table(software: Sequence[str]) -> list[Parameter]:
-    table = list(TIME_PARAMETERS)
+def _parameter_table(software: Sequence[str], common: Sequence[Parameter] = TIME_PARAMETERS,
+                     per_version: Sequence[Parameter] = SOFTWARE_PARAMETERS) -> list[Parameter]:  # fmt: skip
+    table = list(common)
     for version in software:
-        table += [Parameter(f"{p.name}@{version}", p.prior, p.low, p.high, p.doc, p.prior_width) for p in SOFTWARE_PARAMETERS]
+        table += [Parameter(f"{p.name}@{version}", p.prior, p.low, p.high, p.doc, p.prior_width) for p in per_version]
     return table
 
 
 def prior_model(software: Sequence[str] = (NEWEST_SOFTWARE,)) -> FittedModel:
     """The model at its priors (no data): what the fit starts from and is pulled toward."""
     parameters = {p.name: p.prior for p in _parameter_table(software)}
-    parameters.update({p.name: p.prior for p in POWER_PARAMETERS})
+    parameters.update({p.name: p.prior for p in _parameter_table(software, POWER_PARAMETERS, SOFTWARE_POWER_PARAMETERS)})
     return FittedModel(parameters, tuple(software))
 
 
@@ -272,18 +292,22 @@ def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
     for version, index in groups.items():
         parts[:, index] = np.array(model.time_parts(terms[:, index], version))
     measured_power = np.array([row.power_watts_per_gpu for row in rows])
-    power_table = list(POWER_PARAMETERS)
+    power_table = _parameter_table(software, POWER_PARAMETERS, SOFTWARE_POWER_PARAMETERS)
     power_names = [p.name for p in power_table]
     power_prior = np.log([p.prior for p in power_table])
     power_widths = np.array([p.prior_width for p in power_table])
     power_low, power_high = np.log([p.low for p in power_table]), np.log([p.high for p in power_table])
 
+    by_gpu_and_version: dict[tuple[str, str], list[int]] = {}
+    for index, row in enumerate(rows):
+        by_gpu_and_version.setdefault((row.gpu.name, row.software), []).append(index)
+    gpu_of = {row.gpu.name: row.gpu for row in rows}
+
     def power_residuals(x: np.ndarray) -> np.ndarray:
         model.parameters.update(zip(power_names, np.exp(x)))
-        predicted = np.array([
-            model.power_watts(row.gpu, *parts[:, i : i + 1])[0]
-            for i, row in enumerate(rows)
-        ])
+        predicted = np.empty(len(rows))
+        for (gpu, version), index in by_gpu_and_version.items():
+            predicted[index] = model.power_watts(gpu_of[gpu], *parts[:, index], software=version)
         return np.concatenate([weights * np.log(predicted / measured_power), scale * (x - power_prior) / power_widths])
 
     solution = least_squares(power_residuals, power_prior, bounds=(power_low, power_high), method="trf")
@@ -330,7 +354,7 @@ def predict_serving(model: FittedModel, rows: Sequence[FitRow], measurements: Se
     for index, (row, measurement) in enumerate(zip(rows, measurements)):
         parts = model.time_parts(row.terms[:, None], row.software)
         seconds[index] = parts[0][0]
-        power[index] = model.power_watts(row.gpu, *parts)[0] * measurement.num_gpus
+        power[index] = model.power_watts(row.gpu, *parts, software=row.software)[0] * measurement.num_gpus
     batch = np.array([m.batch_size for m in measurements])
     output = np.array([m.output_tokens for m in measurements])
     # With pipeline stages every stage works on its own micro-batch: batch tokens per full pass.

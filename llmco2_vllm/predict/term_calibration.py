@@ -1,0 +1,210 @@
+"""Calibration of the fitted model's own terms from one deployment's measurements.
+
+Where the scale calibration (``calibration.py``: measured ≈ a·prefill + b·decode + c·idle) can only
+stretch a prediction, this re-fits the parameters of the time and power model itself for a
+deployment — weight streaming, GEMM, K/V and memory efficiencies, collectives, per-sequence and
+per-step overheads, and the power activities and idle power — so that a wrong *slope* in batch size
+is corrected too. Each parameter starts at the shipped model's value (the prior), moves in log space
+under a ridge pull toward it (``PRIOR_WIDTH``: a few measurements move only what they identify),
+and stays within its physical bounds.
+
+Two signals, fitted separately so that energy = power x time stays consistent with the meter:
+measured time (a batch's wall time, or engine step times on a GPU host) fits the time parameters;
+measured energy then fits the power parameters given the calibrated time (and, without any time
+measurement, the time parameters too: energy-only calibration).
+
+An observation is a set of engine steps with multiplicities (their sums, ``step_terms.SUM_NAMES``)
+and what was measured over them: a static batch (one prefill step + its decode steps), or the mean
+step of steady-state serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from llmco2_vllm.predict import fitted
+from llmco2_vllm.predict.fitted import FittedModel
+from llmco2_vllm.predict.hardware import GpuSpec
+from llmco2_vllm.predict.step_terms import StepTerms
+
+#: Parameters a deployment's measurements calibrate (names without the "@version" of per-version ones).
+TIME_TERMS = (
+    "dense_weight_factor", "dense_compute_factor", "expert_weight_factor", "expert_compute_factor",
+    "activation_factor", "expert_activation_factor", "kv_factor", "attention_compute_factor", "mamba_factor",
+    "allreduce_bytes_factor", "allreduce_call_seconds", "alltoall_bytes_factor", "alltoall_call_seconds",
+    "layer_seconds", "sequence_seconds", "step_seconds",
+)  # fmt: skip
+POWER_TERMS = ("idle_scale", "overhead_activity", "communication_activity", "compute_activity", "memory_activity")
+#: One standard deviation of the log-space pull toward the shipped value (x1.5).
+PRIOR_WIDTH = math.log(1.5)
+#: Relative noise of one measurement (log units): how much a single row weighs against the prior.
+MEASUREMENT_NOISE = 0.03
+IDLE_SCALE_BOUNDS = (0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Steps (``sums``: SUM_NAMES x k) run ``counts`` times each, and what was measured over them."""
+
+    sums: np.ndarray
+    counts: np.ndarray
+    measured_seconds: float | None = None
+    measured_energy_j: float | None = None
+    label: str = ""
+
+
+def static_batch_observation(
+    terms: StepTerms, batch_size: int, prompt_tokens: int, output_tokens: int, samples: int = 9, **measured
+) -> Observation:
+    """A static batch: its prefill step and its decode steps (sampled contexts, trapezoid weights)."""
+    steps = output_tokens - 1
+    columns = [terms.prefill_sums(batch_size, prompt_tokens)[:, None]]
+    counts = [1.0]
+    if steps > 0:
+        contexts = np.linspace(prompt_tokens, prompt_tokens + steps - 1, min(samples, steps))
+        columns.append(terms.decode_sums(batch_size, contexts))
+        if len(contexts) == 1:
+            counts.append(float(steps))
+        else:  # trapezoid weights over the contexts, scaled to the number of steps
+            spacing = np.diff(contexts)
+            weights = np.zeros(len(contexts))
+            weights[:-1] += spacing / 2
+            weights[1:] += spacing / 2
+            counts.extend(weights / weights.sum() * steps)
+    return Observation(np.concatenate(columns, axis=1), np.array(counts), **measured)
+
+
+def serving_observation(terms: StepTerms, measurement, per: str = "step") -> Observation:
+    """The mean step of a measured steady-state serving row (``serving_measurements``): one step,
+    its measured time and its measured energy (all GPUs)."""
+    sums = terms.serving_sums(measurement.batch_size / measurement.pipeline_parallel, measurement.prompt_tokens,
+                              measurement.output_tokens, measurement.running_age_tokens)  # fmt: skip
+    return Observation(sums[:, None], np.ones(1), measurement.step_seconds,
+                       measurement.power_watts * measurement.step_seconds, measurement.row_id)  # fmt: skip
+
+
+@dataclass
+class CalibrationResult:
+    model: FittedModel
+    idle_scale: float
+    changes: dict[str, tuple[float, float]]  # parameter -> (prior, calibrated)
+    residuals_before: dict[str, list[float]]  # "seconds"/"energy" -> log(predicted / measured) per observation
+    residuals_after: dict[str, list[float]]
+
+    def to_json_dict(self) -> dict:
+        return {
+            "kind": "fitted-terms",
+            "parameters": {name: after for name, (_, after) in self.changes.items()},
+            "changes": {name: {"prior": before, "calibrated": after, "ratio": after / before}
+                        for name, (before, after) in self.changes.items()},  # fmt: skip
+            "residuals_before": self.residuals_before,
+            "residuals_after": self.residuals_after,
+        }
+
+
+class DeploymentModel:
+    """The fitted model for one deployment, with an idle-power scale: predicts observations."""
+
+    def __init__(self, model: FittedModel, terms: StepTerms, num_gpus: int, software: str | None = None,
+                 idle_scale: float = 1.0) -> None:  # fmt: skip
+        self.model, self.terms, self.num_gpus, self.idle_scale = model, terms, num_gpus, idle_scale
+        self.software = model._software(software)
+
+    @property
+    def gpu(self) -> GpuSpec:
+        return self.terms.gpu
+
+    def predict(self, observation: Observation) -> tuple[float, float]:
+        """(seconds, energy J of all GPUs) of the observation's steps."""
+        parts = self.model.time_parts(self.terms.from_sums(observation.sums), self.software)
+        gpu = dataclasses.replace(self.gpu, idle_watts=self.model.idle_watts(self.gpu) * self.idle_scale)
+        power = self.model.power_watts(gpu, *parts, software=self.software) * self.num_gpus
+        counts = observation.counts
+        return float(counts @ parts[0]), float(counts @ (power * parts[0]))
+
+
+def _names(model: FittedModel, software: str, bases: Sequence[str]) -> list[str]:
+    """Actual parameter keys of these base names (per-version ones carry "@software")."""
+    names = []
+    for base in bases:
+        if base == "idle_scale":
+            names.append(base)
+        elif base in model.parameters:
+            names.append(base)
+        elif f"{base}@{software}" in model.parameters:
+            names.append(f"{base}@{software}")
+    return names
+
+
+def _bounds(name: str) -> tuple[float, float]:
+    if name == "idle_scale":
+        return IDLE_SCALE_BOUNDS
+    base = name.split("@")[0]
+    for parameter in (*fitted.TIME_PARAMETERS, *fitted.SOFTWARE_PARAMETERS, *fitted.POWER_PARAMETERS,
+                      *fitted.SOFTWARE_POWER_PARAMETERS):  # fmt: skip
+        if parameter.name == base:
+            return parameter.low, parameter.high
+    raise KeyError(name)
+
+
+def calibrate(
+    prior: FittedModel, terms: StepTerms, num_gpus: int, observations: Sequence[Observation], software: str | None = None,
+    prior_width: float = PRIOR_WIDTH, noise: float = MEASUREMENT_NOISE,
+) -> CalibrationResult:  # fmt: skip
+    """Calibrate the prior's time terms on measured seconds (where there are any), then its power
+    terms on measured energy (and the time terms too when no observation has a time)."""
+    from scipy.optimize import least_squares
+
+    model = fitted.FittedModel(dict(prior.parameters), prior.software, prior.energy_log_quantiles, dict(prior.notes))
+    deployment = DeploymentModel(model, terms, num_gpus, software)
+    version = deployment.software
+    timed = [o for o in observations if o.measured_seconds]
+    metered = [o for o in observations if o.measured_energy_j]
+    if not timed and not metered:
+        raise ValueError("no observation has a measured time or energy")
+
+    def residuals(which: str) -> list[float]:
+        out = []
+        for o in timed if which == "seconds" else metered:
+            seconds, energy = deployment.predict(o)
+            out.append(math.log(seconds / o.measured_seconds) if which == "seconds" else math.log(energy / o.measured_energy_j))
+        return out
+
+    before = {"seconds": residuals("seconds"), "energy": residuals("energy")}
+
+    def solve(names: list[str], targets: list[tuple[Observation, str]]) -> None:
+        start = np.log([deployment.idle_scale if n == "idle_scale" else model.parameters[n] for n in names])
+        bounds = np.log([_bounds(n) for n in names]).T
+        start = np.clip(start, bounds[0] + 1e-9, bounds[1] - 1e-9)
+
+        def assign(x: np.ndarray) -> None:
+            for name, value in zip(names, np.exp(x)):
+                if name == "idle_scale":
+                    deployment.idle_scale = float(value)
+                else:
+                    model.parameters[name] = float(value)
+
+        def function(x: np.ndarray) -> np.ndarray:
+            assign(x)
+            data = []
+            for o, kind in targets:
+                seconds, energy = deployment.predict(o)
+                data.append(math.log(seconds / o.measured_seconds) if kind == "seconds" else math.log(energy / o.measured_energy_j))
+            return np.concatenate([np.array(data) / noise, (x - start) / prior_width])
+
+        assign(least_squares(function, start, bounds=bounds, method="trf").x)
+
+    time_names = _names(model, version, TIME_TERMS)
+    power_names = _names(model, version, POWER_TERMS)
+    # One fit of every term on every signal: measured time pins the time terms, measured energy
+    # (= power x time) then what is left to the power terms; the ridge keeps unidentified terms home.
+    solve(time_names + power_names, [(o, "seconds") for o in timed] + [(o, "energy") for o in metered])
+    after = {"seconds": residuals("seconds"), "energy": residuals("energy")}
+    changes = {n: (prior.parameters[n], model.parameters[n]) for n in time_names + power_names if n != "idle_scale"}
+    changes["idle_scale"] = (1.0, deployment.idle_scale)
+    return CalibrationResult(model, deployment.idle_scale, changes, before, after)
