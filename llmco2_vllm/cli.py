@@ -88,13 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser(
         "calibrate",
-        help="fit a calibration of the predictor from measured batches",
-        description="Fits measured ~ a x predicted prefill + b x predicted decode (+ idle watts x idle_seconds) "
-        "over the rows of a measurement CSV (the columns of `predict --batch-file` plus measured_energy_j, "
-        "optionally idle_seconds), with the same robust code the plugin runs online. Rows that cannot be used "
-        "(unknown model or GPU, missing or negative numbers) are skipped with their reason; it fails only when "
-        "no row is usable. Apply the result with "
-        "`llmco2 predict ... --calibration CAL.json` or LLMCO2_CALIBRATION_FILE in the plugin.",
+        help="calibrate the fitted model's terms on measured batches of your deployment",
+        description="Re-fits the fitted time and power model's own parameters (weight streaming, GEMM, K/V and "
+        "memory efficiencies, collectives, per-sequence and per-step overheads, power activities, idle power) to "
+        "a measurement CSV: the columns of `predict --batch-file` plus measured_seconds (the batch's wall time) "
+        "and/or measured_energy_j (its energy over all GPUs), optionally idle_seconds (idle time inside the "
+        "energy measurement). Both signals are used where present; each parameter is pulled toward the shipped "
+        "value, so a few rows move only what they identify. Rows that cannot be used (unknown model or GPU, "
+        "missing or negative numbers) are skipped with their reason; it fails only when no row is usable. "
+        "--json prints the calibrated parameters, their change from the prior and the residuals. Apply the "
+        "result with `llmco2 predict ... --calibration CAL.json` or LLMCO2_CALIBRATION_FILE in the plugin "
+        "(which also keeps its online calibration there).",
     )
     calibrate.add_argument("--measurements", required=True, help="CSV of measured batches")
     calibrate.add_argument("--out", required=True, help="calibration file to write (JSON)")
@@ -222,49 +226,78 @@ def _predict(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import csv
 
-    from llmco2_vllm.predict.batch_predict import BatchPredictor, skip_row
-    from llmco2_vllm.predict.calibration import fit_offline
+    from llmco2_vllm.predict import term_calibration
+    from llmco2_vllm.predict.batch_predict import BatchRow, skip_row
+    from llmco2_vllm.predict.calibration import OnlineCalibrator
+    from llmco2_vllm.predict.fitted import shipped_model
+    from llmco2_vllm.predict.step_terms import StepTerms
 
-    predictor = BatchPredictor()
-    windows: list[tuple[float, float, float, float]] = []
+    observations: list[term_calibration.Observation] = []
     skipped: list[dict] = []
+    first = None
     with open(args.measurements, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if "measured_energy_j" not in (reader.fieldnames or []):
-            raise ValueError(f"{args.measurements}: needs a measured_energy_j column (whole batch, joules)")
+        measured_columns = {"measured_seconds", "measured_energy_j"} & set(reader.fieldnames or [])
+        if not measured_columns:
+            raise ValueError(f"{args.measurements}: needs a measured_seconds and/or a measured_energy_j column "
+                             "(the batch's wall time in seconds, its energy over all GPUs in joules)")  # fmt: skip
         for number, row in enumerate(reader, start=1):
             try:
-                measured = _measured_number(row, "measured_energy_j", required=True)
+                seconds = _measured_number(row, "measured_seconds", required=False) or None
+                energy = _measured_number(row, "measured_energy_j", required=False) or None
+                if seconds is None and energy is None:
+                    missing = " and ".join(sorted(measured_columns))
+                    raise ValueError(f"{missing} is missing (a row needs measured_seconds or measured_energy_j)")
                 idle_seconds = _measured_number(row, "idle_seconds", required=False)
-                predicted = predictor.predict(row)
+                batch = BatchRow.parse(row)
+                deployment = batch.deployment()
+                terms = StepTerms(deployment.model, deployment.hardware.gpu, batch.tensor_parallel)
+                # Replicas run their share at once: the batch takes one replica's time and draws all GPUs.
+                gpus = deployment.hardware.num_gpus * batch.batch_size / batch.per_replica
+                observation = term_calibration.static_batch_observation(
+                    terms, gpus, batch.per_replica, batch.prompt_tokens, batch.output_tokens,
+                    measured_seconds=seconds, measured_energy_j=energy, idle_seconds=idle_seconds, label=f"row {number}",
+                )  # fmt: skip
             except Exception as error:  # one bad row must not stop the fit
                 skip_row(skipped, number, error, args.measurements)
                 continue
-            windows.append((predicted["prefill_j"], predicted["decode_j"], idle_seconds, measured))
-    if not windows:
+            observations.append(observation)
+            first = first or observation
+    if not observations:
         raise ValueError(f"{args.measurements}: no usable rows ({len(skipped)} skipped)")
-    calibrator = fit_offline(windows)
+    result = term_calibration.calibrate(shipped_model(), observations)
+    # The online calibration starts from these terms; its idle prior is the calibrated deployment's.
+    calibrator = OnlineCalibrator(prior_idle_watts=first.num_gpus * term_calibration.CalibratedModel(
+        result.model, idle_scale=result.idle_scale).with_idle(first.terms.gpu).idle_watts)  # fmt: skip
+    calibrator.terms = result.terms.to_dict()
     calibrator.save(args.out)
-    prefill_scale, decode_scale, idle_watts = calibrator.factors
-    raw, corrected = _in_sample_errors(calibrator, windows)
-    result = {
-        "rows": len(windows),
-        "rows_learned": calibrator.windows,
-        "prefill_scale": prefill_scale,
-        "decode_scale": decode_scale,
-        "idle_watts": idle_watts,
-        "in_sample_mape_before": raw,
-        "in_sample_mape_after": corrected,
+
+    def mape(residuals: list[float]) -> float | None:
+        return sum(abs(math.exp(r) - 1) for r in residuals) / len(residuals) if residuals else None
+
+    signal = "energy" if result.residuals_before["energy"] else "seconds"
+    summary = {
+        "rows": len(observations),
+        "rows_with_time": len(result.residuals_before["seconds"]),
+        "rows_with_energy": len(result.residuals_before["energy"]),
+        "in_sample_mape_before": mape(result.residuals_before[signal]),
+        "in_sample_mape_after": mape(result.residuals_after[signal]),
+        "time_mape_before": mape(result.residuals_before["seconds"]),
+        "time_mape_after": mape(result.residuals_after["seconds"]),
+        **result.report(),
         "out": args.out,
         "skipped": skipped,
     }
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(summary, indent=2))
     else:
-        for key, value in result.items():
-            if key == "skipped":
-                value = len(skipped)
+        for key in ("rows", "rows_with_time", "rows_with_energy", "in_sample_mape_before", "in_sample_mape_after", "out"):
+            value = summary[key]
             print(f"{key:<22}  {value:.4g}" if isinstance(value, float) else f"{key:<22}  {value}")
+        print(f"{'skipped':<22}  {len(skipped)}")
+        for name, change in summary["changes"].items():
+            if abs(change["ratio"] - 1) > 0.005:
+                print(f"  {name:<40} {change['prior']:.4g} -> {change['calibrated']:.4g} (x{change['ratio']:.3f})")
     return 0
 
 
@@ -282,15 +315,6 @@ def _measured_number(row: dict, name: str, required: bool) -> float:
     if not math.isfinite(value) or value < 0 or (required and value == 0):
         raise ValueError(f"{name}={raw!r} must be {'positive' if required else 'zero or positive'}")
     return value
-
-
-def _in_sample_errors(calibrator, windows) -> tuple[float, float]:
-    """Mean absolute percentage error of the raw and calibrated predictions over the fitted rows."""
-    raw = corrected = 0.0
-    for prefill_j, decode_j, idle_seconds, measured_j in windows:
-        raw += abs(prefill_j + decode_j - measured_j) / measured_j
-        corrected += abs(sum(calibrator.correct(prefill_j, decode_j, idle_seconds)) - measured_j) / measured_j
-    return raw / len(windows), corrected / len(windows)
 
 
 def _listing(args: argparse.Namespace) -> int:

@@ -87,7 +87,7 @@ def test_calibrate_then_predict_with_calibration(tmp_path):
     plain = json.loads(run(*args).stdout)
     calibrated = json.loads(run(*args, "--calibration", str(calibration)).stdout)
     assert calibrated["energy_j"] == pytest.approx(1.3 * plain["energy_j"], rel=0.05)
-    assert calibrated["predictor"] == "fitted+calibration"
+    assert calibrated["predictor"] == "fitted+terms+calibration"
 
 
 def test_batch_mode_keeps_going_on_bad_rows(tmp_path):

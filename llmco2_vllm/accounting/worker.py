@@ -86,7 +86,7 @@ def build_pipeline(spec: WorkerSpec, settings: Settings):
 
     deployment = spec.deployment
     hardware = deployment.hardware
-    predictor = load_predictor(settings.predictor, deployment, in_server=True)
+    predictor = load_predictor(settings.predictor, deployment, in_server=True, calibration_file=settings.calibration_file)
     meter = None
     if settings.measure_energy:
         from llmco2_vllm.measure.energy_meter import EnergyMeter

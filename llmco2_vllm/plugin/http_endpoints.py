@@ -266,7 +266,7 @@ def build_carbon_service(engine_client: Any) -> CarbonService | None:
         return None
     vllm_config = engine_client.vllm_config
     deployment = describe_deployment(vllm_config, settings)
-    predictor = load_predictor(settings.predictor, deployment, in_server=True)
+    predictor = load_predictor(settings.predictor, deployment, in_server=True, calibration_file=settings.calibration_file)
     forecaster = RequestForecaster(
         predictor,
         deployment.hardware.num_gpus,

@@ -44,12 +44,58 @@ def _int(row: Mapping[str, Any], name: str, default: int | None = None, maximum:
     return int(value)
 
 
+@dataclass(frozen=True)
+class BatchRow:
+    """One static batch of a CSV row (``BATCH_COLUMNS``), checked; replicas share the batch."""
+
+    model: str
+    gpu: str
+    num_gpus: int
+    tensor_parallel: int
+    data_parallel: int
+    batch_size: int
+    prompt_tokens: int
+    output_tokens: int
+
+    @classmethod
+    def parse(cls, row: Mapping[str, Any]) -> "BatchRow":
+        """Raises ValueError with the reason."""
+        model, gpu = str(row.get("model") or "").strip(), str(row.get("gpu") or "").strip()
+        if not model or not gpu:
+            raise ValueError("model and gpu are required")
+        tensor_parallel = _int(row, "tensor_parallel", 1, maximum=1024)
+        data_parallel = _int(row, "data_parallel", 1, maximum=1024)
+        num_gpus = _int(row, "num_gpus", tensor_parallel * data_parallel, maximum=100_000)
+        if num_gpus % (tensor_parallel * data_parallel):
+            raise ValueError(
+                f"num_gpus={num_gpus} is not a multiple of tensor_parallel x data_parallel = {tensor_parallel * data_parallel}"
+            )
+        return cls(model, gpu, num_gpus, tensor_parallel, data_parallel, _int(row, "batch_size", maximum=1_000_000),
+                   _int(row, "prompt_tokens"), _int(row, "output_tokens"))  # fmt: skip
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return self.num_gpus // (self.tensor_parallel * self.data_parallel)
+
+    @property
+    def per_replica(self) -> int:
+        """Requests of the batch on one data-parallel replica (the last may hold fewer)."""
+        return math.ceil(self.batch_size / self.data_parallel)
+
+    def deployment(self) -> Deployment:
+        """One replica: its TP x PP GPUs."""
+        hardware = Hardware(find_gpu(self.gpu), self.tensor_parallel * self.pipeline_parallel, self.tensor_parallel,
+                            "configured")  # fmt: skip
+        return Deployment(self.model, load_model(self.model), hardware, self.pipeline_parallel)
+
+
 class BatchPredictor:
     """Predicts rows; keeps one predictor per (model, gpu, parallelism)."""
 
     def __init__(self, calibration_path: str | None = None, pue: float = 1.0, predictor: str = "fitted") -> None:
         self.predictor_name = predictor
         self.calibration = None
+        self.calibration_path = calibration_path
         if calibration_path:
             from llmco2_vllm.predict.calibration import OnlineCalibrator
 
@@ -60,30 +106,16 @@ class BatchPredictor:
 
     @staticmethod
     @lru_cache(maxsize=256)
-    def _predictor(
-        name: str, model: str, gpu: str, num_gpus: int, tensor_parallel: int, data_parallel: int
-    ) -> StepPredictor:
-        if num_gpus % (tensor_parallel * data_parallel):
-            raise ValueError(
-                f"num_gpus={num_gpus} is not a multiple of tensor_parallel x data_parallel = {tensor_parallel * data_parallel}"
-            )
-        pipeline_parallel = num_gpus // (tensor_parallel * data_parallel)
-        hardware = Hardware(find_gpu(gpu), tensor_parallel * pipeline_parallel, tensor_parallel, "configured")
-        return load_predictor(name, Deployment(model, load_model(model), hardware, pipeline_parallel))
+    def _predictor(name: str, batch: BatchRow, calibration_path: str | None = None) -> StepPredictor:
+        return load_predictor(name, batch.deployment(), calibration_file=calibration_path)
 
     def predict(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """One row -> the prediction fields (raises ValueError with the reason)."""
-        model, gpu = str(row.get("model") or "").strip(), str(row.get("gpu") or "").strip()
-        if not model or not gpu:
-            raise ValueError("model and gpu are required")
-        tensor_parallel = _int(row, "tensor_parallel", 1, maximum=1024)
-        data_parallel = _int(row, "data_parallel", 1, maximum=1024)
-        num_gpus = _int(row, "num_gpus", tensor_parallel * data_parallel, maximum=100_000)
-        batch_size = _int(row, "batch_size", maximum=1_000_000)
-        prompt_tokens = _int(row, "prompt_tokens")
-        output_tokens = _int(row, "output_tokens")
-        predictor = self._predictor(self.predictor_name, model, gpu, num_gpus, tensor_parallel, data_parallel)
-        per_replica = math.ceil(batch_size / data_parallel)
+        batch = BatchRow.parse(row)
+        model, gpu, num_gpus = batch.model, batch.gpu, batch.num_gpus
+        tensor_parallel, data_parallel, batch_size = batch.tensor_parallel, batch.data_parallel, batch.batch_size
+        prompt_tokens, output_tokens, per_replica = batch.prompt_tokens, batch.output_tokens, batch.per_replica
+        predictor = self._predictor(self.predictor_name, batch, self.calibration_path)
         forecast = forecast_static_batch(predictor, per_replica, prompt_tokens, output_tokens)
         scale = batch_size / per_replica  # replicas share the batch; the last one may hold fewer
         prefill_j, decode_j = forecast.prefill_j * scale, forecast.decode_j * scale

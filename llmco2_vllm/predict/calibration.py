@@ -129,6 +129,9 @@ class CalibrationState:
     # The current suspect streak, replayed if it turns out to be a regime change:
     # [P, D, I, M, ape_raw, ape_corr, rejected (1.0) or learnt (0.0)].
     pending: list[list[float]] = field(default_factory=list)
+    # The fitted model's terms calibrated offline for this deployment (``llmco2 calibrate``;
+    # ``term_calibration.TermCalibration``), kept beside the online state so that saving it keeps them.
+    terms: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False, indent=1)
@@ -162,6 +165,8 @@ class CalibrationState:
             _finite_array(getattr(state, name), None, name)
         if state.pending:
             _finite_array(state.pending, (len(state.pending), 7), "pending")
+        if state.terms is not None and not isinstance(state.terms, dict):
+            raise ValueError("terms is not a JSON object")
         state.coefficients = [float(v) for v in coefficients]
         state.covariance = covariance.tolist()
         return state
@@ -213,6 +218,7 @@ class OnlineCalibrator:
         self._prior_floor: FloatArray = self._prior_info.copy()
         self._prior_floor[:2, :2] *= PRIOR_SCALE_FLOOR
         self._theta: FloatArray = self._theta0.copy()
+        self.terms: dict | None = None  # the offline term calibration this state travels with
         self._cov: FloatArray = self._inverse(self._prior_info)
         self._windows = 0
         self._windows_since_reset = 0
@@ -331,6 +337,7 @@ class OnlineCalibrator:
             errors_raw=list(self._errors_raw),
             errors_corrected=list(self._errors_corrected),
             pending=[list(row) for row in self._pending],
+            terms=self.terms,
         )
 
     @classmethod
@@ -352,6 +359,7 @@ class OnlineCalibrator:
         calibrator._errors_raw.extend(state.errors_raw)
         calibrator._errors_corrected.extend(state.errors_corrected)
         calibrator._pending = [list(row) for row in state.pending]
+        calibrator.terms = state.terms
         return calibrator
 
     def save(self, path: PathLike) -> None:

@@ -381,12 +381,20 @@ class FittedPredictor:
     name = "fitted"
 
     def __init__(
-        self, model: Any, hardware: Any, pipeline_parallel: int = 1, parameters: FittedModel | None = None
+        self, model: Any, hardware: Any, pipeline_parallel: int = 1, parameters: FittedModel | None = None,
+        terms: Any = None,
     ) -> None:
+        """``terms``: a ``term_calibration.TermCalibration`` of this deployment (``llmco2 calibrate``)."""
+        import dataclasses
+
         from llmco2_vllm.predict.roofline import Roofline
 
         self.parameters = parameters or shipped_model()
         self.gpu = hardware.gpu
+        if terms is not None:
+            self.parameters = terms.apply(self.parameters)
+            self.gpu = dataclasses.replace(self.gpu, idle_watts=self.parameters.idle_watts(self.gpu) * terms.idle_scale)
+            self.name = "fitted+terms"
         self.num_gpus = hardware.num_gpus
         self.terms = StepTerms(model, hardware.gpu, hardware.tensor_parallel)
         # Sums -> parts of the step time in one small matrix product (per step: ~10 x 9).

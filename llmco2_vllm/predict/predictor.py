@@ -103,7 +103,9 @@ class PredictorLoadError(ValueError):
     """``LLMCO2_PREDICTOR`` names nothing that can be built."""
 
 
-def load_predictor(name: str, deployment: "Deployment", in_server: bool = False) -> StepPredictor:
+def load_predictor(
+    name: str, deployment: "Deployment", in_server: bool = False, calibration_file: str | None = None
+) -> StepPredictor:
     """Build a predictor by name for a deployment: ``fitted`` (the time and power model fitted on
     measured vLLM serving; the default), ``analytic``, ``gnn`` (the shipped LLMCO2 checkpoint; needs
     torch and torch-geometric), or ``package.module:Class`` for a custom one.
@@ -111,12 +113,20 @@ def load_predictor(name: str, deployment: "Deployment", in_server: bool = False)
     ``in_server``: inside vLLM's processes "gnn" is the distilled table (``predict.gnn.distilled``),
     built in a child process so torch-geometric never loads beside vLLM. A custom class is called
     as ``Class(model=..., hardware=..., pipeline_parallel=...)``.
+
+    ``calibration_file``: where a ``llmco2 calibrate`` result is kept; the fitted model takes the
+    deployment's calibrated terms from it (the scale calibration in it applies to any predictor).
     """
     model, hardware, pipeline_parallel = deployment.model, deployment.hardware, deployment.pipeline_parallel
     if name == "analytic":
         return AnalyticPredictor(model, hardware, pipeline_parallel)
     if name == "fitted":
-        name = "llmco2_vllm.predict.fitted:FittedPredictor"  # imported by name: fitted.py builds StepPredictions
+        # Imported by name: fitted.py builds StepPredictions (an import here would be a cycle).
+        fitted_module = importlib.import_module("llmco2_vllm.predict.fitted")
+        terms = None
+        if calibration_file:
+            terms = importlib.import_module("llmco2_vllm.predict.term_calibration").terms_from_file(calibration_file)
+        return fitted_module.FittedPredictor(model, hardware, pipeline_parallel, terms=terms)
     if name == "gnn":
         name = "llmco2_vllm.predict.gnn.distilled:DistilledGnnPredictor" if in_server else "llmco2_vllm.predict.gnn.model:GnnPredictor"
     if ":" not in name:

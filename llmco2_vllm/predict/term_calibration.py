@@ -49,17 +49,25 @@ IDLE_SCALE_BOUNDS = (0.5, 2.0)
 
 @dataclass(frozen=True)
 class Observation:
-    """Steps (``sums``: SUM_NAMES x k) run ``counts`` times each, and what was measured over them."""
+    """Steps (``sums``: SUM_NAMES x k) run ``counts`` times each on a deployment (``terms``, the
+    GPUs it draws power on), and what was measured over them."""
 
+    terms: StepTerms
+    num_gpus: float
     sums: np.ndarray
     counts: np.ndarray
     measured_seconds: float | None = None
     measured_energy_j: float | None = None
+    idle_seconds: float = 0.0  # idle time inside the energy measurement (the GPUs' idle power over it)
     label: str = ""
+
+    def energy_only(self) -> "Observation":
+        return dataclasses.replace(self, measured_seconds=None)
 
 
 def static_batch_observation(
-    terms: StepTerms, batch_size: int, prompt_tokens: int, output_tokens: int, samples: int = 9, **measured
+    terms: StepTerms, num_gpus: float, batch_size: int, prompt_tokens: int, output_tokens: int, samples: int = 9,
+    **measured,
 ) -> Observation:
     """A static batch: its prefill step and its decode steps (sampled contexts, trapezoid weights)."""
     steps = output_tokens - 1
@@ -76,16 +84,69 @@ def static_batch_observation(
             weights[:-1] += spacing / 2
             weights[1:] += spacing / 2
             counts.extend(weights / weights.sum() * steps)
-    return Observation(np.concatenate(columns, axis=1), np.array(counts), **measured)
+    return Observation(terms, num_gpus, np.concatenate(columns, axis=1), np.array(counts), **measured)
 
 
-def serving_observation(terms: StepTerms, measurement, per: str = "step") -> Observation:
+def serving_observation(terms: StepTerms, measurement) -> Observation:
     """The mean step of a measured steady-state serving row (``serving_measurements``): one step,
     its measured time and its measured energy (all GPUs)."""
     sums = terms.serving_sums(measurement.batch_size / measurement.pipeline_parallel, measurement.prompt_tokens,
                               measurement.output_tokens, measurement.running_age_tokens)  # fmt: skip
-    return Observation(sums[:, None], np.ones(1), measurement.step_seconds,
+    return Observation(terms, measurement.num_gpus, sums[:, None], np.ones(1), measurement.step_seconds,
                        measurement.power_watts * measurement.step_seconds, measurement.row_id)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TermCalibration:
+    """Calibrated parameters of the fitted model: what a calibration file's ``terms`` holds."""
+
+    software: str
+    parameters: dict[str, float]  # parameter key -> calibrated value (only those that were calibrated)
+    idle_scale: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"kind": "fitted-terms", "software": self.software, "parameters": self.parameters,
+                "idle_scale": self.idle_scale}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TermCalibration":
+        """Check a file's ``terms``; raises ValueError with the reason."""
+        if data.get("kind") != "fitted-terms":
+            raise ValueError(f"terms of kind {data.get('kind')!r}, expected 'fitted-terms'")
+        parameters = data.get("parameters")
+        if not isinstance(parameters, dict) or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in parameters.values()
+        ):
+            raise ValueError("terms.parameters must map names to positive numbers")
+        idle_scale = float(data.get("idle_scale", 1.0))
+        if not (IDLE_SCALE_BOUNDS[0] <= idle_scale <= IDLE_SCALE_BOUNDS[1]):
+            raise ValueError(f"terms.idle_scale {idle_scale} outside {IDLE_SCALE_BOUNDS}")
+        return cls(str(data.get("software") or fitted.NEWEST_SOFTWARE), {k: float(v) for k, v in parameters.items()},
+                   idle_scale)  # fmt: skip
+
+    def apply(self, model: FittedModel) -> FittedModel:
+        """The model with these parameters (unknown names are refused: the file is for another model version)."""
+        unknown = sorted(set(self.parameters) - set(model.parameters))
+        if unknown:
+            raise ValueError(f"calibrated parameters {', '.join(unknown[:5])} are not in the fitted model: "
+                             "recalibrate with this version's `llmco2 calibrate`")  # fmt: skip
+        return FittedModel({**model.parameters, **self.parameters}, model.software, model.energy_log_quantiles,
+                           dict(model.notes))  # fmt: skip
+
+
+def terms_from_file(path: str) -> TermCalibration | None:
+    """The term calibration a calibration file carries (None when it has none, or does not exist yet).
+
+    Raises ``calibration.CalibrationFileError`` for a file that is not a valid calibration."""
+    from llmco2_vllm.predict.calibration import CalibrationFileError, OnlineCalibrator
+
+    terms = OnlineCalibrator.load(path).terms
+    if terms is None:
+        return None
+    try:
+        return TermCalibration.from_dict(terms)
+    except ValueError as error:
+        raise CalibrationFileError(f"calibration file {path}: {error}") from None
 
 
 @dataclass
@@ -96,10 +157,16 @@ class CalibrationResult:
     residuals_before: dict[str, list[float]]  # "seconds"/"energy" -> log(predicted / measured) per observation
     residuals_after: dict[str, list[float]]
 
-    def to_json_dict(self) -> dict:
+    software: str = fitted.NEWEST_SOFTWARE
+
+    @property
+    def terms(self) -> TermCalibration:
+        return TermCalibration(self.software, {n: after for n, (_, after) in self.changes.items() if n != "idle_scale"},
+                               self.idle_scale)  # fmt: skip
+
+    def report(self) -> dict:
+        """Parameters, their change from the prior, and the fit's residuals (log predicted / measured)."""
         return {
-            "kind": "fitted-terms",
-            "parameters": {name: after for name, (_, after) in self.changes.items()},
             "changes": {name: {"prior": before, "calibrated": after, "ratio": after / before}
                         for name, (before, after) in self.changes.items()},  # fmt: skip
             "residuals_before": self.residuals_before,
@@ -107,25 +174,24 @@ class CalibrationResult:
         }
 
 
-class DeploymentModel:
-    """The fitted model for one deployment, with an idle-power scale: predicts observations."""
+class CalibratedModel:
+    """A fitted model with an idle-power scale: predicts observations."""
 
-    def __init__(self, model: FittedModel, terms: StepTerms, num_gpus: int, software: str | None = None,
-                 idle_scale: float = 1.0) -> None:  # fmt: skip
-        self.model, self.terms, self.num_gpus, self.idle_scale = model, terms, num_gpus, idle_scale
+    def __init__(self, model: FittedModel, software: str | None = None, idle_scale: float = 1.0) -> None:
+        self.model, self.idle_scale = model, idle_scale
         self.software = model._software(software)
 
-    @property
-    def gpu(self) -> GpuSpec:
-        return self.terms.gpu
+    def with_idle(self, gpu: GpuSpec) -> GpuSpec:
+        return dataclasses.replace(gpu, idle_watts=self.model.idle_watts(gpu) * self.idle_scale)
 
     def predict(self, observation: Observation) -> tuple[float, float]:
-        """(seconds, energy J of all GPUs) of the observation's steps."""
-        parts = self.model.time_parts(self.terms.from_sums(observation.sums), self.software)
-        gpu = dataclasses.replace(self.gpu, idle_watts=self.model.idle_watts(self.gpu) * self.idle_scale)
-        power = self.model.power_watts(gpu, *parts, software=self.software) * self.num_gpus
+        """(seconds, energy J of all the deployment's GPUs) of the observation's steps."""
+        parts = self.model.time_parts(observation.terms.from_sums(observation.sums), self.software)
+        gpu = self.with_idle(observation.terms.gpu)
+        power = self.model.power_watts(gpu, *parts, software=self.software)
         counts = observation.counts
-        return float(counts @ parts[0]), float(counts @ (power * parts[0]))
+        energy = float(counts @ (power * parts[0])) + gpu.idle_watts * observation.idle_seconds
+        return float(counts @ parts[0]), energy * observation.num_gpus
 
 
 def _names(model: FittedModel, software: str, bases: Sequence[str]) -> list[str]:
@@ -153,7 +219,7 @@ def _bounds(name: str) -> tuple[float, float]:
 
 
 def calibrate(
-    prior: FittedModel, terms: StepTerms, num_gpus: int, observations: Sequence[Observation], software: str | None = None,
+    prior: FittedModel, observations: Sequence[Observation], software: str | None = None,
     prior_width: float = PRIOR_WIDTH, noise: float = MEASUREMENT_NOISE,
 ) -> CalibrationResult:  # fmt: skip
     """Calibrate the prior's time terms on measured seconds (where there are any), then its power
@@ -161,7 +227,7 @@ def calibrate(
     from scipy.optimize import least_squares
 
     model = fitted.FittedModel(dict(prior.parameters), prior.software, prior.energy_log_quantiles, dict(prior.notes))
-    deployment = DeploymentModel(model, terms, num_gpus, software)
+    deployment = CalibratedModel(model, software)
     version = deployment.software
     timed = [o for o in observations if o.measured_seconds]
     metered = [o for o in observations if o.measured_energy_j]
@@ -207,4 +273,4 @@ def calibrate(
     after = {"seconds": residuals("seconds"), "energy": residuals("energy")}
     changes = {n: (prior.parameters[n], model.parameters[n]) for n in time_names + power_names if n != "idle_scale"}
     changes["idle_scale"] = (1.0, deployment.idle_scale)
-    return CalibrationResult(model, deployment.idle_scale, changes, before, after)
+    return CalibrationResult(model, deployment.idle_scale, changes, before, after, version)

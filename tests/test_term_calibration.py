@@ -1,0 +1,129 @@
+"""`llmco2 calibrate` on the fitted model's terms: the CSV contract, shape (not only scale) correction, the file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from llmco2_vllm.cli import main
+from llmco2_vllm.predict import term_calibration
+from llmco2_vllm.predict.batch_predict import BatchPredictor, BatchRow
+from llmco2_vllm.predict.calibration import CalibrationFileError, OnlineCalibrator
+from llmco2_vllm.predict.fitted import FittedModel, FittedPredictor, shipped_model
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SHAPES = [(1, 200, 300), (4, 800, 200), (16, 300, 300), (64, 1500, 100), (128, 200, 400), (256, 100, 200),
+          (8, 3000, 50), (32, 500, 600)]  # fmt: skip
+CALIBRATION_SHAPES, HELD_OUT = SHAPES[:4] + SHAPES[5:6], SHAPES[4:5] + SHAPES[6:]
+
+
+def truth() -> FittedModel:
+    """A deployment unlike the shipped model in shape: slower per sequence, a different power mix."""
+    model = shipped_model()
+    changed = dict(model.parameters)
+    changed["sequence_seconds@vllm-0.11.1"] *= 4.0
+    changed["step_seconds@vllm-0.11.1"] *= 0.6
+    changed["memory_activity@vllm-0.11.1"] *= 0.8
+    return FittedModel(changed, model.software, model.energy_log_quantiles)
+
+
+def measured(shape: tuple[int, int, int]) -> tuple[float, float]:
+    row = BatchRow(MODEL, "H100", 1, 1, 1, *shape)
+    deployment = row.deployment()
+    predictor = FittedPredictor(deployment.model, deployment.hardware, parameters=truth())
+    prefill_s, prefill_j, decode_s, decode_j = predictor.static_batch(*shape)
+    # The truth's median: the shipped model's median correction does not apply to a "measurement".
+    return prefill_s + decode_s, (prefill_j + decode_j) / predictor.median_factor
+
+
+def write_rows(path, shapes, columns=("measured_seconds", "measured_energy_j")) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "gpu", "num_gpus", "tensor_parallel", "batch_size", "prompt_tokens", "output_tokens",
+                         *columns])  # fmt: skip
+        for shape in shapes:
+            seconds, energy = measured(shape)
+            values = {"measured_seconds": seconds, "measured_energy_j": energy}
+            writer.writerow([MODEL, "H100", 1, 1, *shape, *(values[c] for c in columns)])
+
+
+def held_out_error(calibration_path: str | None, scale: float = 1.0) -> float:
+    predictor = BatchPredictor(calibration_path=calibration_path)
+    errors = []
+    for shape in HELD_OUT:
+        _, energy = measured(shape)
+        row = dict(zip(("batch_size", "prompt_tokens", "output_tokens"), shape), model=MODEL, gpu="H100")
+        errors.append(abs(predictor.predict(row)["energy_j"] * scale / energy - 1))
+    return sum(errors) / len(errors)
+
+
+@pytest.mark.parametrize("columns", [("measured_seconds", "measured_energy_j"), ("measured_energy_j",)])
+def test_calibration_corrects_the_shape_on_held_out_batches(tmp_path, capsys, columns) -> None:
+    rows, out = tmp_path / "m.csv", tmp_path / "cal.json"
+    write_rows(rows, CALIBRATION_SHAPES, columns)
+    assert main(["calibrate", "--measurements", str(rows), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == len(CALIBRATION_SHAPES) and summary["in_sample_mape_after"] < summary["in_sample_mape_before"]
+    assert summary["rows_with_time"] == (len(CALIBRATION_SHAPES) if "measured_seconds" in columns else 0)
+    changes = summary["changes"]
+    assert changes["sequence_seconds@vllm-0.11.1"]["ratio"] > 1.3  # it found the per-sequence cost
+    assert set(summary["residuals_after"]) == {"seconds", "energy"}
+    before, after = held_out_error(None), held_out_error(str(out))
+    assert after < before / 2 and after < 0.05, (before, after)
+    # A single scale fitted on the same rows cannot do as well: the error is in the shape.
+    log_residuals = summary["residuals_before"]["energy"]  # log(predicted / measured)
+    scale = math.exp(-sum(log_residuals) / len(log_residuals))
+    assert after < held_out_error(None, scale), (after, held_out_error(None, scale))
+
+
+def test_time_alone_calibrates_time(tmp_path, capsys) -> None:
+    rows, out = tmp_path / "m.csv", tmp_path / "cal.json"
+    write_rows(rows, CALIBRATION_SHAPES, ("measured_seconds",))
+    assert main(["calibrate", "--measurements", str(rows), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_with_energy"] == 0 and summary["time_mape_after"] < summary["time_mape_before"] / 2
+    terms = term_calibration.terms_from_file(str(out))
+    deployment = BatchRow(MODEL, "H100", 1, 1, 1, *HELD_OUT[0]).deployment()
+    calibrated = FittedPredictor(deployment.model, deployment.hardware, terms=terms)
+    prefill_s, _, decode_s, _ = calibrated.static_batch(*HELD_OUT[0])
+    assert prefill_s + decode_s == pytest.approx(measured(HELD_OUT[0])[0], rel=0.05)
+
+
+def test_rows_without_a_measurement_are_skipped_with_a_reason(tmp_path, capsys) -> None:
+    rows = tmp_path / "m.csv"
+    write_rows(rows, CALIBRATION_SHAPES)
+    with open(rows, "a") as handle:
+        handle.write(f"{MODEL},H100,1,1,8,100,100,,\n")
+        handle.write(f"{MODEL},H100,1,1,8,100,100,-1,\n")
+    assert main(["calibrate", "--measurements", str(rows), "--out", str(tmp_path / "c.json"), "--json"]) == 0
+    skipped = json.loads(capsys.readouterr().out)["skipped"]
+    assert [s["row"] for s in skipped] == [len(CALIBRATION_SHAPES) + 1, len(CALIBRATION_SHAPES) + 2]
+    assert "measured_energy_j and measured_seconds is missing" in skipped[0]["reason"]
+    assert "measured_seconds='-1'" in skipped[1]["reason"]
+    no_columns = tmp_path / "n.csv"
+    no_columns.write_text("model,gpu,batch_size,prompt_tokens,output_tokens\nx,H100,1,1,1\n")
+    assert main(["calibrate", "--measurements", str(no_columns), "--out", str(tmp_path / "d.json")]) == 2
+
+
+def test_the_file_keeps_its_terms_through_the_online_calibrator_and_bad_terms_are_refused(tmp_path) -> None:
+    rows, out = tmp_path / "m.csv", tmp_path / "cal.json"
+    write_rows(rows, CALIBRATION_SHAPES)
+    assert main(["calibrate", "--measurements", str(rows), "--out", str(out)]) == 0
+    terms = term_calibration.terms_from_file(str(out))
+    calibrator = OnlineCalibrator.load(str(out))
+    calibrator.update(1000.0, 2000.0, 0.0, 3100.0)  # the plugin learns a window and saves
+    calibrator.save(str(out))
+    assert term_calibration.terms_from_file(str(out)) == terms
+    data = json.loads(out.read_text())
+    data["terms"]["parameters"]["no_such_parameter"] = 1.0
+    out.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not in the fitted model"):
+        BatchPredictor(calibration_path=str(out)).predict({"model": MODEL, "gpu": "H100", "batch_size": 1,
+                                                           "prompt_tokens": 10, "output_tokens": 10})  # fmt: skip
+    data["terms"]["parameters"] = {"kv_factor": -1}
+    out.write_text(json.dumps(data))
+    with pytest.raises(CalibrationFileError, match="positive numbers"):
+        term_calibration.terms_from_file(str(out))
