@@ -6,6 +6,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 
 from llmco2_vllm.cli import main
@@ -13,6 +14,8 @@ from llmco2_vllm.predict import term_calibration
 from llmco2_vllm.predict.batch_predict import BatchPredictor, BatchRow
 from llmco2_vllm.predict.calibration import CalibrationFileError, OnlineCalibrator
 from llmco2_vllm.predict.fitted import FittedModel, FittedPredictor, shipped_model
+from llmco2_vllm.predict.step_shape import StepShape
+from llmco2_vllm.predict.step_terms import StepTerms
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SHAPES = [(1, 200, 300), (4, 800, 200), (16, 300, 300), (64, 1500, 100), (128, 200, 400), (256, 100, 200),
@@ -127,3 +130,28 @@ def test_the_file_keeps_its_terms_through_the_online_calibrator_and_bad_terms_ar
     out.write_text(json.dumps(data))
     with pytest.raises(CalibrationFileError, match="positive numbers"):
         term_calibration.terms_from_file(str(out))
+
+
+def test_online_learner_converges_and_resets_on_drift() -> None:
+    """Windows of a deployment whose truth differs in shape: the one-step-ahead error falls below 5 %;
+    a sudden change is taken as a new regime (history dropped) and learned again."""
+    deployment = BatchRow(MODEL, "H100", 1, 1, 1, 1, 1, 1).deployment()
+    terms = StepTerms(deployment.model, deployment.hardware.gpu)
+    real = term_calibration.CalibratedModel(truth())
+    learner = term_calibration.OnlineTermCalibrator(shipped_model(), max_evaluations=60)
+
+    def window(batch: int, context: int, factor: float = 1.0) -> tuple:
+        steps = [StepShape.static_batch_decode(batch, context + i) for i in range(0, 200, 10)]
+        sums = np.array([terms.step_sums(s) for s in steps]).T
+        seconds, energy = real.predict(term_calibration.Observation(terms, 1, sums, np.ones(len(steps))))
+        return sums, energy * factor, seconds
+
+    for index in range(8):  # the load changes from window to window
+        sums, energy, seconds = window((4, 64, 16, 128)[index % 4], 500 + 100 * index)
+        learner.observe(terms, 1, sums, energy, seconds)
+    prior_error, calibrated_error = learner.rolling_error(3)
+    assert calibrated_error < 0.05 < prior_error, (prior_error, calibrated_error)
+    for index in range(6):  # the meter now reads 40 % more (a new regime)
+        sums, energy, seconds = window((4, 64, 16, 128)[index % 4], 500, factor=1.4)
+        learner.observe(terms, 1, sums, energy, None)
+    assert learner.resets == 1

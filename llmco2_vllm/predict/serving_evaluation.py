@@ -519,47 +519,17 @@ def _report(data, all_schemes, results, fixed, summary, shipped, sensitivity_row
 
 
 def _plots(data, lomo: Scheme, lomo_results, fixed, out_dir: Path) -> list[Path]:
-    try:
-        import matplotlib
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from llmco2_vllm.predict.report_plots import PlotStyle, accuracy_plots
 
     test = lomo.test
-    measured = data.energy[test]
     columns = {name: out["energy"][test] for name, out in lomo_results.items()} | {n: v[test] for n, v in fixed.items()}
-    scatter, cdf = out_dir / "model_eval_scatter.png", out_dir / "model_eval_cdf.png"
-    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 4), sharex=True, sharey=True)
-    for ax, (name, values) in zip(np.atleast_1d(axes), columns.items()):
-        ax.loglog(measured, values, ".", alpha=0.6)
-        lim = [measured.min() / 2, measured.max() * 2]
-        ax.plot(lim, lim, "k-", lw=0.8)
-        ax.plot(lim, [v * 1.1 for v in lim], "k:", lw=0.6)
-        ax.plot(lim, [v / 1.1 for v in lim], "k:", lw=0.6)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("measured J / request")
-    np.atleast_1d(axes)[0].set_ylabel("predicted J / request")
-    fig.suptitle(f"Leave-one-model-out, {len(test)} v3 rows (dotted: +-10 %)")
-    fig.tight_layout()
-    fig.savefig(scatter, dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, values in columns.items():
-        ok = np.isfinite(values)
-        ape = np.sort(100 * np.abs(values[ok] / measured[ok] - 1))
-        ax.plot(ape, np.arange(1, len(ape) + 1) / len(ape), label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(0.3, 1000)
-    ax.axvline(10, color="grey", lw=0.5)
-    ax.set_xlabel("absolute percentage error (%)")
-    ax.set_ylabel("share of rows")
-    ax.legend(fontsize=8)
-    ax.set_title("Error CDF, leave-one-model-out (v3)")
-    fig.tight_layout()
-    fig.savefig(cdf, dpi=100)
-    plt.close(fig)
-    return [scatter, cdf]
+    style = PlotStyle(band=1.1, panel_inches=4, dpi=100, quantity="J / request",
+                      scatter_title=f"Leave-one-model-out, {len(test)} v3 rows (dotted: +-10 %)",
+                      cdf_title="Error CDF, leave-one-model-out (v3)", cdf_from_percent=0.3)  # fmt: skip
+    return accuracy_plots(data.energy[test], columns, columns, out_dir / "model_eval_scatter.png",
+                          out_dir / "model_eval_cdf.png", style)  # fmt: skip
 
 
 def _progress(total: int):

@@ -220,33 +220,38 @@ def _bounds(name: str) -> tuple[float, float]:
 
 def calibrate(
     prior: FittedModel, observations: Sequence[Observation], software: str | None = None,
-    prior_width: float = PRIOR_WIDTH, noise: float = MEASUREMENT_NOISE,
+    prior_width: float = PRIOR_WIDTH, noise: float = MEASUREMENT_NOISE, start: CalibrationResult | None = None,
+    weights: Sequence[float] | None = None, max_evaluations: int | None = None,
 ) -> CalibrationResult:  # fmt: skip
-    """Calibrate the prior's time terms on measured seconds (where there are any), then its power
-    terms on measured energy (and the time terms too when no observation has a time)."""
+    """Calibrate the prior's time and power terms on the observations' measured times and energies.
+
+    ``start``: a previous result to start from (the pull is still toward the prior); ``weights``: one
+    per observation (e.g. forgetting: older windows weigh less); ``max_evaluations`` caps the solver.
+    """
     from scipy.optimize import least_squares
 
-    model = fitted.FittedModel(dict(prior.parameters), prior.software, prior.energy_log_quantiles, dict(prior.notes))
-    deployment = CalibratedModel(model, software)
+    initial = start.model if start is not None else prior
+    model = fitted.FittedModel(dict(initial.parameters), prior.software, prior.energy_log_quantiles, dict(prior.notes))
+    deployment = CalibratedModel(model, software, start.idle_scale if start is not None else 1.0)
     version = deployment.software
+    weight_of = dict(zip(map(id, observations), weights)) if weights is not None else {}
     timed = [o for o in observations if o.measured_seconds]
     metered = [o for o in observations if o.measured_energy_j]
     if not timed and not metered:
         raise ValueError("no observation has a measured time or energy")
 
-    def residuals(which: str) -> list[float]:
-        out = []
-        for o in timed if which == "seconds" else metered:
-            seconds, energy = deployment.predict(o)
-            out.append(math.log(seconds / o.measured_seconds) if which == "seconds" else math.log(energy / o.measured_energy_j))
-        return out
+    def residual(o: Observation, kind: str) -> float:
+        seconds, energy = deployment.predict(o)
+        return math.log(seconds / o.measured_seconds) if kind == "seconds" else math.log(energy / o.measured_energy_j)
 
-    before = {"seconds": residuals("seconds"), "energy": residuals("energy")}
+    before = {"seconds": [residual(o, "seconds") for o in timed], "energy": [residual(o, "energy") for o in metered]}
 
     def solve(names: list[str], targets: list[tuple[Observation, str]]) -> None:
-        start = np.log([deployment.idle_scale if n == "idle_scale" else model.parameters[n] for n in names])
+        home = np.log([1.0 if n == "idle_scale" else prior.parameters[n] for n in names])
+        x0 = np.log([deployment.idle_scale if n == "idle_scale" else model.parameters[n] for n in names])
         bounds = np.log([_bounds(n) for n in names]).T
-        start = np.clip(start, bounds[0] + 1e-9, bounds[1] - 1e-9)
+        x0 = np.clip(x0, bounds[0] + 1e-9, bounds[1] - 1e-9)
+        scale = np.sqrt([weight_of.get(id(o), 1.0) for o, _ in targets]) / noise
 
         def assign(x: np.ndarray) -> None:
             for name, value in zip(names, np.exp(x)):
@@ -257,20 +262,92 @@ def calibrate(
 
         def function(x: np.ndarray) -> np.ndarray:
             assign(x)
-            data = []
-            for o, kind in targets:
-                seconds, energy = deployment.predict(o)
-                data.append(math.log(seconds / o.measured_seconds) if kind == "seconds" else math.log(energy / o.measured_energy_j))
-            return np.concatenate([np.array(data) / noise, (x - start) / prior_width])
+            data = np.array([residual(o, kind) for o, kind in targets])
+            return np.concatenate([data * scale, (x - home) / prior_width])
 
-        assign(least_squares(function, start, bounds=bounds, method="trf").x)
+        assign(least_squares(function, x0, bounds=bounds, method="trf", max_nfev=max_evaluations).x)
 
     time_names = _names(model, version, TIME_TERMS)
     power_names = _names(model, version, POWER_TERMS)
     # One fit of every term on every signal: measured time pins the time terms, measured energy
     # (= power x time) then what is left to the power terms; the ridge keeps unidentified terms home.
     solve(time_names + power_names, [(o, "seconds") for o in timed] + [(o, "energy") for o in metered])
-    after = {"seconds": residuals("seconds"), "energy": residuals("energy")}
+    after = {"seconds": [residual(o, "seconds") for o in timed], "energy": [residual(o, "energy") for o in metered]}
     changes = {n: (prior.parameters[n], model.parameters[n]) for n in time_names + power_names if n != "idle_scale"}
     changes["idle_scale"] = (1.0, deployment.idle_scale)
     return CalibrationResult(model, deployment.idle_scale, changes, before, after, version)
+
+
+class OnlineTermCalibrator:
+    """Learns a deployment's terms while it serves: one observation per measurement window.
+
+    Each window brings the steps it ran (their sums; at most ``STEPS_PER_WINDOW`` kept, evenly
+    spread, each standing for its share of the window's steps), the meter's energy and, where a real
+    GPU timed them, the steps' measured time. After each window the terms are refitted on the last
+    ``memory`` windows, newer ones weighing more (``forgetting`` per window), from the previous fit
+    and pulled toward the prior. Before refitting, the window is predicted with the terms in force
+    (one step ahead) and with the prior: the rolling errors say how much calibration helps. A run of
+    ``DRIFT_WINDOWS`` windows off by more than ``DRIFT_ERROR`` in the same direction (a driver or
+    clock change) drops the history, so the new regime is learned from its own windows.
+    """
+
+    STEPS_PER_WINDOW = 48
+    DRIFT_WINDOWS = 4
+    DRIFT_ERROR = 0.15
+
+    def __init__(self, prior: FittedModel, software: str | None = None, memory: int = 30, forgetting: float = 0.9,
+                 max_evaluations: int = 200) -> None:  # fmt: skip
+        self.prior, self.software = prior, software
+        self.memory, self.forgetting, self.max_evaluations = memory, forgetting, max_evaluations
+        self.history: list[Observation] = []
+        self.result: CalibrationResult | None = None
+        self.errors: list[tuple[float, float]] = []  # (prior, calibrated) one-step-ahead relative energy errors
+        self.time_errors: list[tuple[float, float]] = []
+        self.windows = 0
+        self.resets = 0
+        self._drift: list[float] = []
+
+    @property
+    def model(self) -> CalibratedModel:
+        if self.result is None:
+            return CalibratedModel(self.prior, self.software)
+        return CalibratedModel(self.result.model, self.software, self.result.idle_scale)
+
+    def observe(self, terms: StepTerms, num_gpus: float, step_sums: np.ndarray, measured_energy_j: float | None,
+                measured_seconds: float | None = None) -> None:  # fmt: skip
+        """One closed window: the sums of its steps (SUM_NAMES x steps) and what was measured."""
+        steps = step_sums.shape[1]
+        if steps == 0 or not (measured_energy_j or measured_seconds):
+            return
+        keep = np.unique(np.linspace(0, steps - 1, min(steps, self.STEPS_PER_WINDOW)).round().astype(int))
+        observation = Observation(terms, num_gpus, step_sums[:, keep], np.full(len(keep), steps / len(keep)),
+                                  measured_seconds, measured_energy_j, label=f"window {self.windows}")  # fmt: skip
+        self._score(observation)
+        self.history = [*self.history, observation][-self.memory :]
+        ages = np.arange(len(self.history))[::-1]
+        self.result = calibrate(self.prior, self.history, self.software, start=self.result,
+                                weights=self.forgetting**ages, max_evaluations=self.max_evaluations)  # fmt: skip
+        self.windows += 1
+
+    def _score(self, observation: Observation) -> None:
+        prior_seconds, prior_energy = CalibratedModel(self.prior, self.software).predict(observation)
+        seconds, energy = self.model.predict(observation)
+        if observation.measured_energy_j:
+            measured = observation.measured_energy_j
+            self.errors.append((abs(prior_energy / measured - 1), abs(energy / measured - 1)))
+            self._drift.append(energy / measured - 1)
+        if observation.measured_seconds:
+            measured = observation.measured_seconds
+            self.time_errors.append((abs(prior_seconds / measured - 1), abs(seconds / measured - 1)))
+        recent = self._drift[-self.DRIFT_WINDOWS :]
+        if len(recent) == self.DRIFT_WINDOWS and (all(e > self.DRIFT_ERROR for e in recent)
+                                                  or all(e < -self.DRIFT_ERROR for e in recent)):  # fmt: skip
+            self.history, self.result, self._drift = [], None, []
+            self.resets += 1
+
+    def rolling_error(self, windows: int = 10) -> tuple[float, float]:
+        """Mean (prior, calibrated) one-step-ahead relative energy error over the last windows."""
+        recent = self.errors[-windows:]
+        if not recent:
+            return math.nan, math.nan
+        return sum(e[0] for e in recent) / len(recent), sum(e[1] for e in recent) / len(recent)

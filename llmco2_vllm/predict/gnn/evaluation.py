@@ -122,44 +122,13 @@ def cross_validate(data, key: Callable[[dict], str], learner: Learner, log: list
 
 
 def plots(meas: np.ndarray, preds: dict[str, np.ndarray], out_dir: Path, panels: Sequence[str]) -> list[Path]:
-    import matplotlib
+    from llmco2_vllm.predict.report_plots import PlotStyle, accuracy_plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scatter, cdf = out_dir / "gnn_eval_scatter.png", out_dir / "gnn_eval_cdf.png"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), sharex=True, sharey=True)
-    for ax, name in zip(np.atleast_1d(axes), panels):
-        ax.loglog(meas, preds[name], ".", alpha=0.6)
-        lim = [meas.min() / 2, meas.max() * 2]
-        ax.plot(lim, lim, "k-", lw=0.8)
-        ax.plot(lim, [v * 1.3 for v in lim], "k:", lw=0.6)
-        ax.plot(lim, [v / 1.3 for v in lim], "k:", lw=0.6)
-        ax.set_title(name)
-        ax.set_xlabel("measured batch energy (J)")
-    np.atleast_1d(axes)[0].set_ylabel("predicted batch energy (J)")
-    fig.suptitle(f"Predicted vs measured ({len(meas)} real rows; dotted: +-30 %)")
-    fig.tight_layout()
-    fig.savefig(scatter, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, values in preds.items():
-        ok = np.isfinite(values)
-        ape = np.sort(100 * np.abs(values[ok] - meas[ok]) / meas[ok])
-        ax.plot(ape, np.arange(1, len(ape) + 1) / len(ape), label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(0.5, 1000)
-    ax.set_xlabel("absolute percentage error (%)")
-    ax.set_ylabel("share of rows")
-    ax.axvline(10, color="grey", lw=0.5)
-    ax.axvline(30, color="grey", lw=0.5)
-    ax.legend(fontsize=8)
-    ax.set_title(f"Error CDF on the same {len(meas)} rows")
-    fig.tight_layout()
-    fig.savefig(cdf, dpi=110)
-    plt.close(fig)
-    return [scatter, cdf]
+    style = PlotStyle(band=1.3, panel_inches=5, dpi=110, quantity="batch energy (J)",
+                      scatter_title=f"Predicted vs measured ({len(meas)} real rows; dotted: +-30 %)",
+                      cdf_title=f"Error CDF on the same {len(meas)} rows", cdf_lines_percent=(10.0, 30.0))  # fmt: skip
+    return accuracy_plots(meas, {name: preds[name] for name in panels}, preds, out_dir / "gnn_eval_scatter.png",
+                          out_dir / "gnn_eval_cdf.png", style)  # fmt: skip
 
 
 def _progress(total: int):
