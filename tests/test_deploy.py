@@ -46,7 +46,7 @@ MISSING = "Debian's prometheus package is not installed (.ci/run installs it)"
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=f"prometheus binary missing: {MISSING}")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool missing: {MISSING}")
 # NaN is the documented value until NVML windows are measured; this machine has no GPU.
-NAN_WITHOUT_NVML = {"llmco2_prediction_error_ratio"}
+NAN_WITHOUT_NVML = {"llmco2_prediction_error_ratio", "llmco2_term_calibration_error_ratio"}
 # Exported only where NVML measures GPUs (absent here); tests/test_measured_pipeline.py checks the dashboard's name is exported there.
 ONLY_WITH_NVML = {"llmco2_gpu_energy_joules_total"}
 # Grafana's $__rate_interval; long enough that the traffic below is still inside it when queried.

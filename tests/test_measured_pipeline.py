@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -209,3 +210,49 @@ def test_dashboard_queries_the_exported_per_gpu_series(monkeypatch):
     assert "llmco2_gpu_energy_joules_total{" in dashboard
     assert "llmco2_gpu_energy_joules_total" in exported
     pipeline.close()
+
+
+def test_fitted_terms_learn_online_from_measured_windows():
+    """With the fitted predictor, the worker also learns the model's own terms from each window: the
+    meter follows a truth whose per-sequence cost and memory power differ from the shipped model, the
+    batch changes from window to window (so a single scale cannot follow), and the one-step-ahead
+    error of the learned terms falls below that of the shipped ones."""
+    from llmco2_vllm.predict.fitted import FittedModel, FittedPredictor, shipped_model
+    from llmco2_vllm.predict.term_calibration import CalibratedModel, Observation
+
+    hardware = Hardware(find_gpu("H100"), 1, 1, "configured")
+    model = load_model("meta-llama/Llama-3.1-8B-Instruct")
+    predictor = FittedPredictor(model, hardware)
+    meter = ScriptedMeter()
+    pipeline = EnginePipeline(Settings(calibration_window_seconds=0.5), predictor, hardware, lookup_region("FR"),
+                              "llama", meter=meter)  # fmt: skip
+    assert pipeline.term_learner is not None
+    changed = dict(shipped_model().parameters)
+    changed["sequence_seconds@vllm-0.11.1"] *= 3.0
+    changed["memory_activity@vllm-0.11.1"] *= 0.7
+    truth = CalibratedModel(FittedModel(changed, shipped_model().software))
+    clock = [0.0]
+    pipeline.windows.clock = lambda: clock[0]
+    pipeline.windows._started = 0.0
+    recorder = StepRecorder(capacity=64)
+    step = 0
+    for window in range(12):
+        batch = (2, 48, 8, 96)[window % 4]
+        for _ in range(3):
+            recorder.record(scheduler_output(step, batch), {}, time.perf_counter())
+            (record,) = recorder.drain()
+            pipeline.process_steps([compact_step(record)])
+            sums = predictor.last_step_sums[:, None]
+            meter.energy_j += truth.predict(Observation(predictor.terms, 1, sums, np.ones(1)))[1]
+            step += 1
+        clock[0] += 1e-6  # no idle time: the windows are all steps
+        pipeline.close_window()
+    samples = parse_metrics(generate_latest(pipeline.registry).decode())
+    raw = metric_sum(samples, "llmco2_term_calibration_error_ratio", signal="energy", correction="raw")
+    learned = [e[1] for e in pipeline.term_learner.errors[-4:]]
+    assert raw > 0.05 and max(learned) < 0.03, (raw, learned)
+    ratio = metric_sum(samples, "llmco2_calibrated_term_ratio", parameter="sequence_seconds")
+    assert ratio > 1.2  # it found the per-sequence cost (from energy alone the ridge shares it out)
+    assert predictor.name == "fitted" and pipeline.term_learner.windows == 12
+    # A configured (not detected) GPU: CPU wall time is never taken for GPU step time.
+    assert not pipeline.term_learner.time_errors

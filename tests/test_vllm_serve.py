@@ -61,8 +61,14 @@ def test_metrics_parse_and_are_labelled(served):
         "llmco2_calibration_idle_watts",
         "llmco2_calibration_windows",
         "llmco2_prediction_error_ratio",
+        "llmco2_calibrated_term_ratio",
+        "llmco2_term_calibration_error_ratio",
     ):
         assert expected in names, expected
+    # The fitted model's terms as shipped (no calibration file, no NVML here): every ratio is 1.
+    ratios = {dict(labels)["parameter"]: value for (name, labels), value in samples.items()
+              if name == "llmco2_calibrated_term_ratio"}  # fmt: skip
+    assert ratios and all(value == 1.0 for value in ratios.values()), ratios
     for (name, labels) in samples:
         if name.startswith("llmco2_"):
             label_names = dict(labels)

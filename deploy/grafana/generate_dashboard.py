@@ -132,6 +132,13 @@ def rows() -> list[Row]:
             Panel("Calibration factor by phase", FACTOR, [
                 Query(f'max by (instance, phase) (llmco2_calibration_scale{{{REPLICA}}})', "{{instance}} {{phase}}"),
             ], "Measured / predicted energy factor in force for prefill and decode (1 = the analytic model as is)."),
+            Panel("Fitted model's terms in force (over shipped)", FACTOR, [
+                Query(f'max by (instance, parameter) (llmco2_calibrated_term_ratio{{{REPLICA}}})', "{{instance}} {{parameter}}"),
+                Query(f'max by (instance, signal, correction) (llmco2_term_calibration_error_ratio{{{REPLICA}}})',
+                      "{{instance}} {{signal}} error {{correction}}"),
+            ], "Each term of the fitted time and power model in force over its shipped value (offline `llmco2 calibrate` "
+               "and online learning from NVML windows; 1 = as shipped), and the one-step-ahead error of window energy "
+               "(and step time on GPU hosts) with the shipped and the learned terms. The errors are NaN without NVML."),
             Panel("Calibrated idle power", WATTS, [
                 Query(f'max by (instance) (llmco2_calibration_idle_watts{{{REPLICA}}})', "{{instance}}"),
             ], "Idle power of each replica's GPUs in force (prior: 15 % of TDP per GPU until NVML windows are learned)."),

@@ -195,6 +195,23 @@ class PluginMetrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.term_ratio = Gauge(
+            "llmco2_calibrated_term_ratio",
+            "The fitted model's terms in force (offline `llmco2 calibrate` and online learning) over their shipped "
+            "values, by parameter; 1 where nothing was calibrated.",
+            base + ["parameter"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.term_error = Gauge(
+            "llmco2_term_calibration_error_ratio",
+            "Rolling mean absolute percentage error (as a ratio) of window energy (signal=energy) or measured step "
+            "time (signal=time), one step ahead, with the shipped terms (raw) and the learned ones (calibrated); "
+            "NaN until windows were measured.",
+            base + ["signal", "correction"],
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         self._initialise_series()
         self.per_step = StepSeries(self)
 

@@ -10,11 +10,13 @@ in ``llmco2_plugin_errors_total{stage}``, logged once per stage, and the step st
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from llmco2_vllm.accounting.attribution import RequestLedger, split_step_energy
@@ -57,6 +59,31 @@ class _PendingIncrements:
             if amount:
                 child.inc(amount)
         self.amounts.clear()
+
+
+class _StepSample:
+    """The step sums of one measurement window, thinned to at most ``LIMIT`` kept (every n-th step)."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.kept: list[np.ndarray] = []
+        self.count = 0  # steps in the window
+        self.seconds = 0.0  # their measured wall time
+        self._every = 1
+
+    def add(self, sums: np.ndarray | None, seconds: float) -> None:
+        if sums is None:
+            return
+        self.seconds += max(seconds, 0.0)
+        if self.count % self._every == 0:
+            self.kept.append(sums)
+            if len(self.kept) >= self.LIMIT:
+                self.kept, self._every = self.kept[::2], self._every * 2
+        self.count += 1
+
+    def matrix(self) -> np.ndarray:
+        return np.array(self.kept).T
 
 
 class EnginePipeline:
@@ -141,6 +168,15 @@ class EnginePipeline:
                 m.labels(m.carbon, phase=phase, source="measured")
             for index, uuid in self.windows.metered_gpus:
                 m.labels(m.gpu_energy, gpu_uuid=uuid, gpu_index=str(index))
+        # The fitted model's own terms learn online from the measured windows (and, where NVML found the
+        # GPU, the steps' measured times; never CPU wall time while predicting for a configured GPU).
+        self.term_learner = None
+        if measured and hasattr(predictor, "use_terms"):
+            from llmco2_vllm.predict.term_calibration import OnlineTermCalibrator
+
+            self.term_learner = OnlineTermCalibrator(predictor.parameters)
+        self._step_times_measured = hardware.source == "nvml"
+        self._window_steps = _StepSample()
         self._publish_calibration()
 
     # -- driven by the worker's reader loop --------------------------------------------------
@@ -259,6 +295,8 @@ class EnginePipeline:
             self.failed("attribute", error)
             return
         self.windows.add_step(prediction.prefill_energy_j, prediction.decode_energy_j, shape.wall_seconds)
+        if self.term_learner is not None:
+            self._window_steps.add(getattr(self.predictor, "last_step_sums", None), shape.wall_seconds)
         try:
             series, add = self.metrics.per_step, self._increments.add
             grams_per_joule = self._grams_per_joule
@@ -306,6 +344,10 @@ class EnginePipeline:
                 gpu_labels = {"gpu_uuid": gpu.uuid, "gpu_index": str(gpu.index)}
                 m.labels(m.gpu_energy, **gpu_labels).inc(gpu.window_j)
                 m.labels(m.gpu_power, **gpu_labels).set(gpu.window_j / result.seconds)
+        except Exception as error:
+            self.failed("export", error)
+        self._learn_terms(result)
+        try:
             self._publish_calibration()
         except Exception as error:
             self.failed("export", error)
@@ -315,8 +357,35 @@ class EnginePipeline:
             except Exception as error:
                 self.failed("calibrate", error)
 
+    def _learn_terms(self, result) -> None:
+        """Feed the closed window to the term learner and predict with what it learned."""
+        steps, self._window_steps = self._window_steps, _StepSample()
+        learner = self.term_learner
+        if learner is None or result.measured_j is None or result.meter_incidents or not steps.count:
+            return
+        try:
+            predictor = self.predictor
+            seconds = steps.seconds if self._step_times_measured else None
+            learner.observe(predictor.terms, predictor.num_gpus, steps.matrix(), result.measured_j, seconds,
+                            result.idle_seconds, steps.count)  # fmt: skip
+            learned = learner.model
+            predictor.use_terms(learned.model, learned.with_idle(predictor.terms.gpu).idle_watts)
+        except Exception as error:
+            self.failed("calibrate", error)
+
     def _publish_calibration(self) -> None:
         m = self.metrics
+        ratios = getattr(self.predictor, "term_ratios", None)
+        if ratios is not None:
+            for parameter, ratio in ratios().items():
+                m.labels(m.term_ratio, parameter=parameter).set(ratio)
+            learner = self.term_learner
+            for signal, errors in (("energy", learner.errors if learner else []),
+                                   ("time", learner.time_errors if learner else [])):  # fmt: skip
+                recent = errors[-50:]
+                for index, correction in enumerate(("raw", "calibrated")):
+                    value = sum(e[index] for e in recent) / len(recent) if recent else math.nan
+                    m.labels(m.term_error, signal=signal, correction=correction).set(value)
         prefill_scale, decode_scale, idle_watts = self.calibrator.factors
         m.labels(m.calibration_scale, phase="prefill").set(prefill_scale)
         m.labels(m.calibration_scale, phase="decode").set(decode_scale)

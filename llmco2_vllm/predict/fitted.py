@@ -93,6 +93,16 @@ SOFTWARE_POWER_PARAMETERS: tuple[Parameter, ...] = (
 )
 
 
+#: Terms a deployment's measurements calibrate (``term_calibration``; names without "@version").
+CALIBRATED_TIME_TERMS = (
+    "dense_weight_factor", "dense_compute_factor", "expert_weight_factor", "expert_compute_factor",
+    "activation_factor", "expert_activation_factor", "kv_factor", "attention_compute_factor", "mamba_factor",
+    "allreduce_bytes_factor", "allreduce_call_seconds", "alltoall_bytes_factor", "alltoall_call_seconds",
+    "layer_seconds", "sequence_seconds", "step_seconds",
+)  # fmt: skip
+#: ``idle_scale`` multiplies the GPU's idle power.
+CALIBRATED_POWER_TERMS = ("idle_scale", "overhead_activity", "communication_activity", "compute_activity", "memory_activity")
+
 #: The parts of a step's time (``FittedModel.linear_map``).
 PARTS = (
     "dense_weights", "dense_compute", "expert_weights", "expert_compute", "memory", "attention",
@@ -191,6 +201,17 @@ class FittedModel:
             p["compute_activity"] * compute + p["memory_activity"] * memory + p["communication_activity"] * communication
         ) * per_second + p["overhead_activity"] * busy
         return idle + (gpu.tdp_watts - idle) * _soft_clip(activity)
+
+    def parameter_keys(self, names: Sequence[str], software: str | None = None) -> list[str]:
+        """The keys of these parameter names (per-version ones carry "@software"); ``idle_scale`` stays."""
+        version = self._software(software)
+        keys = []
+        for name in names:
+            if name == "idle_scale" or name in self.parameters:
+                keys.append(name)
+            elif f"{name}@{version}" in self.parameters:
+                keys.append(f"{name}@{version}")
+        return keys
 
     # --- persistence --------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -397,13 +418,34 @@ class FittedPredictor:
             self.name = "fitted+terms"
         self.num_gpus = hardware.num_gpus
         self.terms = StepTerms(model, hardware.gpu, hardware.tensor_parallel)
-        # Sums -> parts of the step time in one small matrix product (per step: ~10 x 9).
-        self._parts_of_basis = self.parameters.linear_map() @ self.terms.matrix
+        self.shipped = shipped_model() if parameters is None else parameters
+        self.last_step_sums: np.ndarray | None = None  # the sums of the step predicted last (online learning)
+        self._use(self.parameters)
         self.roofline = Roofline(model, hardware, pipeline_parallel=pipeline_parallel)
         low, middle, high = self.parameters.energy_log_quantiles
         self.median_factor = math.exp(middle)
         widen = APPROXIMATION_WIDENING if getattr(model, "approximation", "") else 1.0
         self.ratio_range = (math.exp((low - middle) * widen), math.exp((high - middle) * widen))
+
+    def _use(self, parameters: FittedModel) -> None:
+        self.parameters = parameters
+        # Sums -> parts of the step time in one small matrix product (per step: ~10 x 9).
+        self._parts_of_basis = parameters.linear_map() @ self.terms.matrix
+
+    def use_terms(self, model: FittedModel, idle_watts: float) -> None:
+        """Predict with learned terms from now on (``idle_watts``: one GPU's idle power)."""
+        import dataclasses
+
+        self.gpu = dataclasses.replace(self.gpu, idle_watts=idle_watts)
+        self._use(model)
+
+    def term_ratios(self) -> dict[str, float]:
+        """Each calibrated term in force over its shipped value (1 where nothing was calibrated)."""
+        keys = self.parameters.parameter_keys(CALIBRATED_TIME_TERMS + CALIBRATED_POWER_TERMS)
+        ratios = {key.split("@")[0]: self.parameters.parameters[key] / self.shipped.parameters[key]
+                  for key in keys if key != "idle_scale"}  # fmt: skip
+        ratios["idle_scale"] = self.parameters.idle_watts(self.gpu) / self.shipped.idle_watts(self.terms.gpu)
+        return ratios
 
     def step_seconds_and_energy(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(seconds, energy J of all GPUs) of steps with these sums (``SUM_NAMES`` on axis 0)."""
@@ -429,7 +471,8 @@ class FittedPredictor:
         sums = [sequences, tokens, total[4], total[1] + tokens, 0.0, total[2] + (total[3] + tokens) / 2, 0.0]
         if self.terms.sliding_layers and self.terms.window:
             sums[4], sums[6] = total[6], total[5]
-        t, e = self._step_totals(np.array(sums))
+        self.last_step_sums = array = np.array(sums)
+        t, e = self._step_totals(array)
         prefill_s, decode_s, prefill_j, decode_j, prefill_w, decode_w = self.roofline.phases_from_basis(basis, phase_sums)
         time_share = prefill_s / (prefill_s + decode_s) if prefill_s + decode_s > 0 else 0.0
         energy_share = prefill_j / (prefill_j + decode_j) if prefill_j + decode_j > 0 else 0.0

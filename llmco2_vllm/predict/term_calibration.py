@@ -32,14 +32,6 @@ from llmco2_vllm.predict.fitted import FittedModel
 from llmco2_vllm.predict.hardware import GpuSpec
 from llmco2_vllm.predict.step_terms import StepTerms
 
-#: Parameters a deployment's measurements calibrate (names without the "@version" of per-version ones).
-TIME_TERMS = (
-    "dense_weight_factor", "dense_compute_factor", "expert_weight_factor", "expert_compute_factor",
-    "activation_factor", "expert_activation_factor", "kv_factor", "attention_compute_factor", "mamba_factor",
-    "allreduce_bytes_factor", "allreduce_call_seconds", "alltoall_bytes_factor", "alltoall_call_seconds",
-    "layer_seconds", "sequence_seconds", "step_seconds",
-)  # fmt: skip
-POWER_TERMS = ("idle_scale", "overhead_activity", "communication_activity", "compute_activity", "memory_activity")
 #: One standard deviation of the log-space pull toward the shipped value (x1.5).
 PRIOR_WIDTH = math.log(1.5)
 #: Relative noise of one measurement (log units): how much a single row weighs against the prior.
@@ -194,19 +186,6 @@ class CalibratedModel:
         return float(counts @ parts[0]), energy * observation.num_gpus
 
 
-def _names(model: FittedModel, software: str, bases: Sequence[str]) -> list[str]:
-    """Actual parameter keys of these base names (per-version ones carry "@software")."""
-    names = []
-    for base in bases:
-        if base == "idle_scale":
-            names.append(base)
-        elif base in model.parameters:
-            names.append(base)
-        elif f"{base}@{software}" in model.parameters:
-            names.append(f"{base}@{software}")
-    return names
-
-
 def _bounds(name: str) -> tuple[float, float]:
     if name == "idle_scale":
         return IDLE_SCALE_BOUNDS
@@ -267,8 +246,8 @@ def calibrate(
 
         assign(least_squares(function, x0, bounds=bounds, method="trf", max_nfev=max_evaluations).x)
 
-    time_names = _names(model, version, TIME_TERMS)
-    power_names = _names(model, version, POWER_TERMS)
+    time_names = model.parameter_keys(fitted.CALIBRATED_TIME_TERMS, version)
+    power_names = model.parameter_keys(fitted.CALIBRATED_POWER_TERMS, version)
     # One fit of every term on every signal: measured time pins the time terms, measured energy
     # (= power x time) then what is left to the power terms; the ridge keeps unidentified terms home.
     solve(time_names + power_names, [(o, "seconds") for o in timed] + [(o, "energy") for o in metered])
@@ -314,14 +293,17 @@ class OnlineTermCalibrator:
         return CalibratedModel(self.result.model, self.software, self.result.idle_scale)
 
     def observe(self, terms: StepTerms, num_gpus: float, step_sums: np.ndarray, measured_energy_j: float | None,
-                measured_seconds: float | None = None) -> None:  # fmt: skip
-        """One closed window: the sums of its steps (SUM_NAMES x steps) and what was measured."""
+                measured_seconds: float | None = None, idle_seconds: float = 0.0,
+                total_steps: int | None = None) -> None:  # fmt: skip
+        """One closed window: the sums of its steps (SUM_NAMES x steps; ``total_steps`` when these are
+        a sample of them), its idle time, and what was measured (energy includes the idle time)."""
         steps = step_sums.shape[1]
         if steps == 0 or not (measured_energy_j or measured_seconds):
             return
         keep = np.unique(np.linspace(0, steps - 1, min(steps, self.STEPS_PER_WINDOW)).round().astype(int))
-        observation = Observation(terms, num_gpus, step_sums[:, keep], np.full(len(keep), steps / len(keep)),
-                                  measured_seconds, measured_energy_j, label=f"window {self.windows}")  # fmt: skip
+        counts = np.full(len(keep), (total_steps or steps) / len(keep))
+        observation = Observation(terms, num_gpus, step_sums[:, keep], counts, measured_seconds, measured_energy_j,
+                                  idle_seconds, label=f"window {self.windows}")  # fmt: skip
         self._score(observation)
         self.history = [*self.history, observation][-self.memory :]
         ages = np.arange(len(self.history))[::-1]
