@@ -155,3 +155,21 @@ def test_online_learner_converges_and_resets_on_drift() -> None:
         sums, energy, seconds = window((4, 64, 16, 128)[index % 4], 500, factor=1.4)
         learner.observe(terms, 1, sums, energy, None)
     assert learner.resets == 1
+
+
+def test_serving_observation_matches_the_serving_prediction() -> None:
+    """A measured serving row as an observation: one mean step, its measured time and energy; the
+    calibrated model's prediction of it equals the fitted model's prediction of the row."""
+    from llmco2_vllm.predict import fitted
+    from llmco2_vllm.predict.model_description import load_model
+    from llmco2_vllm.predict.serving_measurements import load_serving_measurements
+
+    row = next(m for m in load_serving_measurements("mlenergy_v3") if m.model == MODEL)
+    terms = StepTerms(load_model(MODEL), BatchRow(MODEL, "H100", 1, 1, 1, 1, 1, 1).deployment().hardware.gpu)
+    observation = term_calibration.serving_observation(terms, row)
+    assert observation.measured_seconds == row.step_seconds and observation.idle_seconds == 0.0
+    assert observation.measured_energy_j == pytest.approx(row.power_watts * row.step_seconds)
+    seconds, energy = term_calibration.CalibratedModel(shipped_model(), row.software).predict(observation)
+    predicted = fitted.predict_serving(shipped_model(), [fitted.fit_row(row, load_model)], [row])
+    assert seconds == pytest.approx(predicted["step_seconds"][0])
+    assert energy / row.batch_size * row.output_tokens == pytest.approx(predicted["energy_per_request_j"][0])

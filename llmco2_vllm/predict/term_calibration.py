@@ -84,8 +84,8 @@ def serving_observation(terms: StepTerms, measurement) -> Observation:
     its measured time and its measured energy (all GPUs)."""
     sums = terms.serving_sums(measurement.batch_size / measurement.pipeline_parallel, measurement.prompt_tokens,
                               measurement.output_tokens, measurement.running_age_tokens)  # fmt: skip
-    return Observation(terms, measurement.num_gpus, sums[:, None], np.ones(1), measurement.step_seconds,
-                       measurement.power_watts * measurement.step_seconds, measurement.row_id)  # fmt: skip
+    return Observation(terms, measurement.num_gpus, sums[:, None], np.ones(1), measured_seconds=measurement.step_seconds,
+                       measured_energy_j=measurement.power_watts * measurement.step_seconds, label=measurement.row_id)  # fmt: skip
 
 
 @dataclass(frozen=True)
