@@ -212,7 +212,7 @@ def test_dashboard_queries_the_exported_per_gpu_series(monkeypatch):
     pipeline.close()
 
 
-def test_fitted_terms_learn_online_from_measured_windows():
+def test_fitted_terms_learn_online_from_measured_windows(tmp_path):
     """With the fitted predictor, the worker also learns the model's own terms from each window: the
     meter follows a truth whose per-sequence cost and memory power differ from the shipped model, the
     batch changes from window to window (so a single scale cannot follow), and the one-step-ahead
@@ -224,8 +224,9 @@ def test_fitted_terms_learn_online_from_measured_windows():
     model = load_model("meta-llama/Llama-3.1-8B-Instruct")
     predictor = FittedPredictor(model, hardware)
     meter = ScriptedMeter()
-    pipeline = EnginePipeline(Settings(calibration_window_seconds=0.5), predictor, hardware, lookup_region("FR"),
-                              "llama", meter=meter)  # fmt: skip
+    path = tmp_path / "calibration.json"
+    pipeline = EnginePipeline(Settings(calibration_window_seconds=0.5, calibration_file=str(path)), predictor, hardware,
+                              lookup_region("FR"), "llama", meter=meter)  # fmt: skip
     assert pipeline.term_learner is not None
     changed = dict(shipped_model().parameters)
     changed["sequence_seconds@vllm-0.11.1"] *= 3.0
@@ -256,3 +257,10 @@ def test_fitted_terms_learn_online_from_measured_windows():
     assert predictor.name == "fitted" and pipeline.term_learner.windows == 12
     # A configured (not detected) GPU: CPU wall time is never taken for GPU step time.
     assert not pipeline.term_learner.time_errors
+    # The learned terms are kept in the calibration file: a restart predicts with them at once.
+    from llmco2_vllm.predict.deployment import Deployment
+    from llmco2_vllm.predict.predictor import load_predictor
+
+    restarted = load_predictor("fitted", Deployment("llama", model, hardware), calibration_file=str(path))
+    assert restarted.name == "fitted+terms"
+    assert restarted.term_ratios()["sequence_seconds"] == pytest.approx(predictor.term_ratios()["sequence_seconds"], rel=0.05)

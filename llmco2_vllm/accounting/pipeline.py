@@ -370,6 +370,10 @@ class EnginePipeline:
                             result.idle_seconds, steps.count)  # fmt: skip
             learned = learner.model
             predictor.use_terms(learned.model, learned.with_idle(predictor.terms.gpu).idle_watts)
+            # Saved with the scale state (LLMCO2_CALIBRATION_FILE): a restart predicts with them at once.
+            terms = learner.terms()
+            if terms is not None:
+                self.calibrator.terms = terms.to_dict()
         except Exception as error:
             self.failed("calibrate", error)
 

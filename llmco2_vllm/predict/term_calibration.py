@@ -37,6 +37,7 @@ PRIOR_WIDTH = math.log(1.5)
 #: Relative noise of one measurement (log units): how much a single row weighs against the prior.
 MEASUREMENT_NOISE = 0.03
 IDLE_SCALE_BOUNDS = (0.5, 2.0)
+ROBUST_SIGMAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -200,12 +201,14 @@ def _bounds(name: str) -> tuple[float, float]:
 def calibrate(
     prior: FittedModel, observations: Sequence[Observation], software: str | None = None,
     prior_width: float = PRIOR_WIDTH, noise: float = MEASUREMENT_NOISE, start: CalibrationResult | None = None,
-    weights: Sequence[float] | None = None, max_evaluations: int | None = None,
+    weights: Sequence[float] | None = None, max_evaluations: int | None = None, robust: bool = False,
 ) -> CalibrationResult:  # fmt: skip
     """Calibrate the prior's time and power terms on the observations' measured times and energies.
 
     ``start``: a previous result to start from (the pull is still toward the prior); ``weights``: one
-    per observation (e.g. forgetting: older windows weigh less); ``max_evaluations`` caps the solver.
+    per observation (e.g. forgetting: older windows weigh less); ``max_evaluations`` caps the solver;
+    ``robust``: a Huber loss beyond ``ROBUST_SIGMAS`` noise units, so that a glitched window (a
+    counter hiccup, a clock change mid-window) pulls linearly instead of quadratically.
     """
     from scipy.optimize import least_squares
 
@@ -244,7 +247,8 @@ def calibrate(
             data = np.array([residual(o, kind) for o, kind in targets])
             return np.concatenate([data * scale, (x - home) / prior_width])
 
-        assign(least_squares(function, x0, bounds=bounds, method="trf", max_nfev=max_evaluations).x)
+        loss = {"loss": "huber", "f_scale": ROBUST_SIGMAS} if robust else {}
+        assign(least_squares(function, x0, bounds=bounds, method="trf", max_nfev=max_evaluations, **loss).x)
 
     time_names = model.parameter_keys(fitted.CALIBRATED_TIME_TERMS, version)
     power_names = model.parameter_keys(fitted.CALIBRATED_POWER_TERMS, version)
@@ -308,7 +312,7 @@ class OnlineTermCalibrator:
         self.history = [*self.history, observation][-self.memory :]
         ages = np.arange(len(self.history))[::-1]
         self.result = calibrate(self.prior, self.history, self.software, start=self.result,
-                                weights=self.forgetting**ages, max_evaluations=self.max_evaluations)  # fmt: skip
+                                weights=self.forgetting**ages, max_evaluations=self.max_evaluations, robust=True)  # fmt: skip
         self.windows += 1
 
     def _score(self, observation: Observation) -> None:
@@ -326,6 +330,10 @@ class OnlineTermCalibrator:
                                                   or all(e < -self.DRIFT_ERROR for e in recent)):  # fmt: skip
             self.history, self.result, self._drift = [], None, []
             self.resets += 1
+
+    def terms(self) -> TermCalibration | None:
+        """What was learned, in the calibration file's form (None before the first window)."""
+        return None if self.result is None else self.result.terms
 
     def rolling_error(self, windows: int = 10) -> tuple[float, float]:
         """Mean (prior, calibrated) one-step-ahead relative energy error over the last windows."""
