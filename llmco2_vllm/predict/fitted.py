@@ -3,29 +3,33 @@
 Step time, per GPU (every term from :mod:`llmco2_vllm.predict.step_terms`, seconds at datasheet speed)::
 
     t = smooth_max(weights_dense, compute_dense) + smooth_max(weights_expert, compute_expert)
-        + kv_factor x kv_read + attention_factor x attention_compute + mamba_factor x mamba
+        + activation, K/V and Mamba traffic x their factors + attention FLOPs x factor
         + all-reduce (bytes x factor + calls x seconds) + all-to-all (same)
-        + layers x layer_seconds + sequences x sequence_seconds + step_seconds
+        + blocks x layer_seconds + sequences x sequence_seconds + step_seconds
 
 where each ``weights`` is a factor times the bytes streamed (narrow formats with their own learned
 factor: their real, not nominal, speed-up), each ``compute`` a factor times the FLOPs at peak, and
 ``smooth_max(a, b) = (a^p + b^p)^(1/p)`` joins the memory- and compute-bound regimes of a GEMM
-with a learned sharpness ``p``. Per-step and per-sequence overheads are learned per vLLM version
-(the newest measured version stands in for any other).
+with a learned sharpness ``p``. The dense GEMM efficiencies, the all-reduce costs and the per-step
+and per-sequence overheads are learned per vLLM version (the newest measured version stands in for
+any other).
 
-Power, per GPU: ``idle + (TDP - idle) x soft_clip(base + compute_activity x compute share +
-memory_activity x memory share)``, the shares being the parts of the step time in compute- and
-memory-bound work; idle is the catalog's measured idle power where there is one, else a learned
-fraction of TDP. Energy = power x time.
+Power, per GPU: ``idle + (TDP - idle) x soft_clip(compute_activity x compute utilisation +
+memory_activity x memory utilisation + communication_activity x collective share +
+overhead_activity)``, utilisations being datasheet time over step time (narrow weights counted at
+the time they take); the activities are learned per vLLM version; idle is the catalog's measured
+idle power where there is one, else a learned fraction of TDP. Energy = power x time.
 
 Fitting (``fit``): log residuals of measured step time (then of measured power), plus a pull of
 every parameter toward a physical prior (a ridge in log space), within physical bounds; SciPy's
 ``least_squares`` (only fitting needs SciPy; prediction needs NumPy alone). The shipped parameters
-and the cross-validated residual quantiles live in ``data/fitted_model.json`` (``llmco2 eval --write-model``).
+and the cross-validated residual quantiles live in ``data/fitted_model.json`` (``llmco2 eval``
+writes them, ``make model`` installs them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -406,8 +410,6 @@ class FittedPredictor:
         terms: Any = None,
     ) -> None:
         """``terms``: a ``term_calibration.TermCalibration`` of this deployment (``llmco2 calibrate``)."""
-        import dataclasses
-
         from llmco2_vllm.predict.roofline import Roofline
 
         self.parameters = parameters or shipped_model()
@@ -434,8 +436,6 @@ class FittedPredictor:
 
     def use_terms(self, model: FittedModel, idle_watts: float) -> None:
         """Predict with learned terms from now on (``idle_watts``: one GPU's idle power)."""
-        import dataclasses
-
         self.gpu = dataclasses.replace(self.gpu, idle_watts=idle_watts)
         self._use(model)
 
