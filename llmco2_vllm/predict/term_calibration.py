@@ -8,10 +8,10 @@ is corrected too. Each parameter starts at the shipped model's value (the prior)
 under a ridge pull toward it (``PRIOR_WIDTH``: a few measurements move only what they identify),
 and stays within its physical bounds.
 
-Two signals, fitted separately so that energy = power x time stays consistent with the meter:
-measured time (a batch's wall time, or engine step times on a GPU host) fits the time parameters;
-measured energy then fits the power parameters given the calibrated time (and, without any time
-measurement, the time parameters too: energy-only calibration).
+Two signals, in one fit of every term: measured time (a batch's wall time, or engine step times on a
+GPU host) pins the time terms, and measured energy — predicted as power x time, so the two stay
+consistent with the meter — what is left to the power terms. Without any time measurement the
+energy alone moves both (energy-only calibration), the ridge keeping unidentified terms home.
 
 An observation is a set of engine steps with multiplicities (their sums, ``step_terms.SUM_NAMES``)
 and what was measured over them: a static batch (one prefill step + its decode steps), or the mean
