@@ -16,8 +16,10 @@ any other).
 
 Power, per GPU: ``idle + (TDP - idle) x soft_clip(compute_activity x compute utilisation +
 memory_activity x memory utilisation + communication_activity x collective share +
-overhead_activity)``, utilisations being datasheet time over step time (narrow weights counted at
-the time they take); the activities are learned per vLLM version; idle is the catalog's measured
+quantised_expert_activity x 8-/4-bit expert streaming share + overhead_activity)``, utilisations
+being datasheet time over step time (narrow weights counted at the time they take: fused MoE kernels
+that dequantise FP8 or MXFP4 experts keep the SMs busy and draw more than their bytes suggest); the
+activities are learned per vLLM version; idle is the catalog's measured
 idle power where there is one, else a learned fraction of TDP. Energy = power x time.
 
 Fitting (``fit``): log residuals of measured step time (then of measured power), plus a pull of
@@ -87,6 +89,8 @@ SOFTWARE_PARAMETERS: tuple[Parameter, ...] = (
 )
 POWER_PARAMETERS: tuple[Parameter, ...] = (
     Parameter("idle_fraction", 0.175, 0.05, 0.4, "idle power / TDP where the catalog has no measured idle power"),
+    Parameter("quantised_expert_activity", 0.3, 1e-3, 3.0,
+              "extra dynamic power share while fused MoE kernels stream and dequantise 8-/4-bit experts"),
 )
 #: Learned per vLLM version: how busy a version's kernels keep the GPU at a given utilisation.
 SOFTWARE_POWER_PARAMETERS: tuple[Parameter, ...] = (
@@ -110,7 +114,7 @@ CALIBRATED_POWER_TERMS = ("idle_scale", "overhead_activity", "communication_acti
 #: The parts of a step's time (``FittedModel.linear_map``).
 PARTS = (
     "dense_weights", "dense_compute", "expert_weights", "expert_compute", "memory", "attention",
-    "communication", "overhead", "datasheet_compute", "datasheet_memory",
+    "communication", "overhead", "datasheet_compute", "datasheet_memory", "narrow_expert_weights",
 )  # fmt: skip
 
 
@@ -149,6 +153,8 @@ class FittedModel:
             # Narrow weights keep the SMs dequantising while they stream: for power their bytes count
             # at the time they take relative to 16-bit ones.
             matrix[9, column] = matrix[9, 3 + column] = factor
+            if column:  # routed experts in 8- or 4-bit: fused dequantising MoE kernels (their power below)
+                matrix[10, 3 + column] = factor
         for row, (kind, factor) in ((1, ("dense", f"dense_compute_factor@{version}")), (3, ("expert", "expert_compute_factor"))):
             matrix[row, i[f"{kind}_compute_16bit"]] = p[factor]
             matrix[row, i[f"{kind}_compute_8bit"]] = p[factor] * p["compute_8bit_factor"]
@@ -177,7 +183,7 @@ class FittedModel:
         dense = (parts[0] ** p + parts[1] ** p) ** (1.0 / p)
         expert = (parts[2] ** p + parts[3] ** p) ** (1.0 / p)
         seconds = dense + expert + parts[4] + parts[5] + parts[6] + parts[7]
-        return seconds, parts[8], parts[9], parts[6]
+        return seconds, parts[8], parts[9], parts[6], parts[10]
 
     def time_parts(self, terms: np.ndarray, software: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``combine`` of steps with these terms (axis 0)."""
@@ -191,7 +197,7 @@ class FittedModel:
 
     def power_watts(
         self, gpu: GpuSpec, seconds: np.ndarray, compute: np.ndarray, memory: np.ndarray, communication: np.ndarray,
-        software: str | None = None,
+        narrow_experts: np.ndarray | float = 0.0, software: str | None = None,
     ) -> np.ndarray:
         """Average power of one GPU over steps with these time parts (``time_parts``): idle power plus
         dynamic power driven by the compute and memory utilisation and the share of time in collectives."""
@@ -203,7 +209,8 @@ class FittedModel:
         per_second = busy / (seconds + (1 - busy))  # 1 / seconds, 0 for an empty step
         activity = (
             p["compute_activity"] * compute + p["memory_activity"] * memory + p["communication_activity"] * communication
-        ) * per_second + p["overhead_activity"] * busy
+            + self.parameters["quantised_expert_activity"] * narrow_experts
+        ) * per_second + p["overhead_activity"] * busy  # fmt: skip
         return idle + (gpu.tdp_watts - idle) * _soft_clip(activity)
 
     def parameter_keys(self, names: Sequence[str], software: str | None = None) -> list[str]:
@@ -313,7 +320,7 @@ def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
     solution = least_squares(time_residuals, np.clip(prior, low, high), bounds=(low, high), method="trf", x_scale=1.0)
     model.parameters.update(zip(names, np.exp(solution.x)))
 
-    parts = np.empty((4, len(rows)))
+    parts = np.empty((5, len(rows)))
     for version, index in groups.items():
         parts[:, index] = np.array(model.time_parts(terms[:, index], version))
     measured_power = np.array([row.power_watts_per_gpu for row in rows])

@@ -109,7 +109,7 @@ class KernelGnnModel:
         dense = (c[0] ** p + c[1] ** p + tiny) ** (1.0 / p)
         expert = (c[2] ** p + c[3] ** p + tiny) ** (1.0 / p)
         seconds = dense + expert + c[4] + c[5] + c[6] + c[7]
-        return seconds, c[8], c[9], c[6]
+        return seconds, c[8], c[9], c[6], c[10]
 
 
 def _features(model: fitted.FittedModel, rows: Sequence[fitted.FitRow], contexts: Sequence[np.ndarray]) -> torch.Tensor:
@@ -146,7 +146,6 @@ def predict(model: KernelGnnModel, rows: Sequence[fitted.FitRow], contexts: Sequ
     """(step seconds, power of one GPU) of each row."""
     features = _features(model.base, rows, contexts)
     with torch.no_grad():
-        seconds, compute, memory, communication = (v.numpy() for v in model.time_parts(model.base_parts(rows), features))
-    power = np.array([model.base.power_watts(r.gpu, s, c, m, k) for r, s, c, m, k in
-                      zip(rows, seconds, compute, memory, communication)])  # fmt: skip
-    return seconds, power
+        parts = [v.numpy() for v in model.time_parts(model.base_parts(rows), features)]
+    power = np.array([model.base.power_watts(r.gpu, *values, software=r.software) for r, *values in zip(rows, *parts)])
+    return parts[0], power
