@@ -433,7 +433,7 @@ class FittedPredictor:
         self.roofline = Roofline(model, hardware, pipeline_parallel=pipeline_parallel)
         low, middle, high = self.parameters.energy_log_quantiles
         self.median_factor = math.exp(middle)
-        widen = APPROXIMATION_WIDENING if getattr(model, "approximation", "") else 1.0
+        widen = APPROXIMATION_WIDENING if model.approximation else 1.0
         self.ratio_range = (math.exp((low - middle) * widen), math.exp((high - middle) * widen))
 
     def _use(self, parameters: FittedModel) -> None:

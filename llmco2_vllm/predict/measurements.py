@@ -359,7 +359,7 @@ if __name__ == "__main__":
 _FAMILIES = (  # substring of the model id -> family, for leave-one-family-out evaluation
     ("codellama", "codellama"), ("codegemma", "gemma"), ("gemma", "gemma"), ("mixtral", "mixtral"),
     ("mistral", "mistral"), ("llama", "llama"), ("phi-", "phi"), ("starcoder", "starcoder2"),
-    ("qwen", "qwen"), ("dolly", "dolly (gpt-neox)"),
+    ("qwen", "qwen"), ("dolly", "dolly (gpt-neox)"), ("nemotron", "nemotron"), ("gpt-oss", "gpt-oss"),
 )
 
 

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from llmco2_vllm.predict import fitted
+from llmco2_vllm.predict.measurements import model_family
 from llmco2_vllm.predict.model_description import load_model
 from llmco2_vllm.predict.serving_measurements import (
     ASSUMED_PROMPT_TOKENS,
@@ -82,18 +83,9 @@ def _describe(model: str):
     return load_model(model)
 
 
-def model_family(model_id: str) -> str:
-    name = model_id.split("/")[-1].lower()
-    for key in ("codellama", "codegemma", "gemma", "mixtral", "mistral", "llama", "phi", "starcoder", "qwen",
-                "nemotron", "gpt-oss"):  # fmt: skip
-        if key in name:
-            return {"codegemma": "gemma"}.get(key, key)
-    return "other"
-
-
 def precision(model_id: str) -> str:
     description = _describe(model_id)
-    expert = getattr(description, "expert_weight_dtype", description.weight_dtype)
+    expert = description.expert_weight_dtype
     return description.weight_dtype if expert == description.weight_dtype else f"{description.weight_dtype}+{expert} experts"
 
 
