@@ -17,7 +17,7 @@ Prints a markdown report and writes ``benchmarks/results/step_recording.md`` and
    pickled into the worker's messages (``FORWARD_BATCH`` steps each). A child process without
    vLLM, like the plugin's worker process, unpickles them and times ``EnginePipeline.process_steps``:
    thread CPU time and wall time (gc on), for the analytic predictor and the plugin's default
-   (``gnn``: the distilled table over the analytic model). Unpickling, also the worker's work, is
+   (``fitted``; the "before" tree's default was ``gnn``, the distilled table over the analytic model). Unpickling, also the worker's work, is
    timed apart. ``--before-tree DIR`` also measures the code before the array-based worker (a
    checkout of commit ``BEFORE_COMMIT``: ``git worktree add DIR BEFORE_COMMIT``) on the same
    messages, in rounds alternating with this code's; each cell is the median over rounds. Without
@@ -121,8 +121,7 @@ else:
     from llmco2_vllm.accounting.pipeline import EnginePipeline
     from llmco2_vllm.accounting.step_shapes import StepShapeBuilder
     from llmco2_vllm.carbon.intensity import lookup_region
-    from llmco2_vllm.predict.gnn.distilled import DistilledGnnPredictor
-    from llmco2_vllm.predict.gnn.table import CorrectionTable
+    from llmco2_vllm.predict.fitted import FittedPredictor
     from llmco2_vllm.predict.hardware import Hardware, find_gpu
     from llmco2_vllm.predict.model_description import load_model
     from llmco2_vllm.predict.predictor import AnalyticPredictor
@@ -140,7 +139,10 @@ assert "vllm" not in sys.modules, "the measuring child must not import vLLM (the
 hardware = Hardware(find_gpu(bench.GPU), 1, 1, "configured")
 model = load_model(bench.MODEL_ID)
 table = config["table"]
-default = DistilledGnnPredictor(model, hardware, table=CorrectionTable.from_json(table)) if table else AnalyticPredictor(model, hardware)
+if config["version"] == "before":  # that commit's default: the distilled GNN table
+    default = DistilledGnnPredictor(model, hardware, table=CorrectionTable.from_json(table)) if table else AnalyticPredictor(model, hardware)
+else:  # this code's default: the fitted model
+    default = FittedPredictor(model, hardware)
 code = bench.Code(
     lambda predictor, engine: EnginePipeline(Settings(), predictor, hardware, lookup_region("WORLD"), bench.MODEL_ID, engine),
     feed,
@@ -564,8 +566,9 @@ def render(report: dict) -> str:
         "finishing): real vLLM `SchedulerOutput`s compacted with `scheduler_hook.compact_step` and pickled into the "
         f"worker's messages of {FORWARD_BATCH} steps. A child process without vLLM (as the worker process) unpickles "
         "them and runs `process_steps`; the table gives its thread CPU time (`time.thread_time`) and wall time per "
-        "step (gc on), for the analytic predictor and the plugin's default (`gnn`: the distilled GNN table over the "
-        "analytic prediction), and the unpickling, also the worker's work, apart. Each cell is the median of "
+        "step (gc on), for the analytic predictor and the plugin's default (`fitted`, the time and power model fitted "
+        "on measured serving; in the 'before' columns the default of that commit, `gnn`: the distilled GNN table), "
+        "and the unpickling, also the worker's work, apart. Each cell is the median of "
         f"{rounds} round(s).",
     ]
     if before:
@@ -690,10 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     log("1/3 scheduler-thread recording cost")
     scheduler = bench_scheduler(blocks, block_steps)
 
-    log("2/3 accounting worker and step prediction: distilling the default predictor's GNN table ...")
+    log("2/3 accounting worker and step prediction ...")
     hardware = Hardware(find_gpu(GPU), 1, 1, "configured")
-    default = DistilledGnnPredictor(load_model(MODEL_ID), hardware)
-    table = None if default.table is None else default.table.to_json()
+    table = None
+    if args.before_tree is not None:  # the before tree's default predictor needs the GNN table
+        distilled = DistilledGnnPredictor(load_model(MODEL_ID), hardware)
+        table = None if distilled.table is None else distilled.table.to_json()
     log("  compacting the simulated vLLM steps ...")
     inputs = worker_inputs(list(BATCH_SIZES), worker_steps, 20 if args.quick else 100)
     after_rounds, before_rounds = [], []
@@ -722,8 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     log("2b forwarding cost (engine side of the worker process)")
     forwarder = bench_forwarder(worker_steps)
     log("3/3 request forecast latency")
+    from llmco2_vllm.predict.fitted import FittedPredictor
+
     request_forecast = bench_request_forecast(
-        {"analytic": AnalyticPredictor(load_model(MODEL_ID), hardware), "default": default}, calls
+        {"analytic": AnalyticPredictor(load_model(MODEL_ID), hardware), "default": FittedPredictor(load_model(MODEL_ID), hardware)},
+        calls,
     )
 
     report = {
