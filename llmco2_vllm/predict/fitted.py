@@ -118,7 +118,7 @@ PARTS = (
 )  # fmt: skip
 
 
-_SOFTWARE_POWER_NAMES = ("overhead_activity", "communication_activity", "compute_activity", "memory_activity")
+_SOFTWARE_POWER_NAMES = tuple(p.name for p in SOFTWARE_POWER_PARAMETERS)
 
 
 def _soft_clip(x: np.ndarray) -> np.ndarray:
@@ -174,10 +174,10 @@ class FittedModel:
         matrix[7, i["step"]] = p[f"step_seconds@{version}"]
         return matrix
 
-    def combine(self, parts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(seconds, datasheet compute seconds, datasheet memory seconds, communication seconds) from
-        ``linear_map @ terms``. The datasheet times over the step time are its compute and memory
-        utilisation, which drive its power."""
+    def combine(self, parts: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(seconds, datasheet compute seconds, datasheet memory seconds, communication seconds,
+        8-/4-bit expert streaming seconds) from ``linear_map @ terms``: the arguments of
+        ``power_watts``. The datasheet times over the step time are its utilisations."""
         p = self.parameters["overlap_sharpness"]
         # parts: an array (rows on axis 1) or a list of floats (one step)
         dense = (parts[0] ** p + parts[1] ** p) ** (1.0 / p)
@@ -185,7 +185,7 @@ class FittedModel:
         seconds = dense + expert + parts[4] + parts[5] + parts[6] + parts[7]
         return seconds, parts[8], parts[9], parts[6], parts[10]
 
-    def time_parts(self, terms: np.ndarray, software: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def time_parts(self, terms: np.ndarray, software: str | None = None) -> tuple[np.ndarray, ...]:
         """``combine`` of steps with these terms (axis 0)."""
         return self.combine(np.tensordot(self.linear_map(software), terms, axes=1))
 
@@ -394,9 +394,6 @@ def predict_serving(model: FittedModel, rows: Sequence[FitRow], measurements: Se
     return {"step_seconds": seconds, "power_watts": power, "energy_per_request_j": energy_per_token * output}
 
 
-__all__ = ["FittedModel", "FitRow", "fit", "prior_model", "shipped_model", "TERM_NAMES", "NEWEST_SOFTWARE"]
-
-
 # --- the plugin's predictor ----------------------------------------------------------------------
 
 
@@ -456,13 +453,12 @@ class FittedPredictor:
 
     def step_seconds_and_energy(self, sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(seconds, energy J of all GPUs) of steps with these sums (``SUM_NAMES`` on axis 0)."""
-        parts = self.parameters.combine(self._parts_of_basis @ self.terms.basis(sums))
-        power = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus
-        return parts[0], power * parts[0] * self.median_factor
+        return self._totals(self._parts_of_basis @ self.terms.basis(sums))
 
-    def _step_totals(self, sums: np.ndarray) -> tuple[float, float]:
-        """``step_seconds_and_energy`` of one step, in plain floats (the per-step path)."""
-        parts = self.parameters.combine((self._parts_of_basis @ self.terms.basis(sums)).tolist())
+    def _totals(self, linear_parts):
+        """(seconds, energy) from ``linear_map @ terms``: arrays, or, for one step, a list of floats
+        (plain float arithmetic is several times faster than NumPy on scalars: the per-step path)."""
+        parts = self.parameters.combine(linear_parts)
         power = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus
         return parts[0], power * parts[0] * self.median_factor
 
@@ -479,7 +475,7 @@ class FittedPredictor:
         if self.terms.sliding_layers and self.terms.window:
             sums[4], sums[6] = total[6], total[5]
         self.last_step_sums = array = np.array(sums)
-        t, e = self._step_totals(array)
+        t, e = self._totals((self._parts_of_basis @ self.terms.basis(array)).tolist())
         prefill_s, decode_s, prefill_j, decode_j, prefill_w, decode_w = self.roofline.phases_from_basis(basis, phase_sums)
         time_share = prefill_s / (prefill_s + decode_s) if prefill_s + decode_s > 0 else 0.0
         energy_share = prefill_j / (prefill_j + decode_j) if prefill_j + decode_j > 0 else 0.0
@@ -496,31 +492,20 @@ class FittedPredictor:
         request forecast needs up to six). Each batch is its prefill step and its decode steps,
         evaluated at ``STATIC_BATCH_SAMPLES`` contexts and summed with the trapezoid rule: step time
         is linear in the context (kinked where a sliding window fills) and energy nearly so."""
-        columns, spans, start = [], [], 0
-        for batch_size, prompt_tokens, output_tokens in shapes:
-            steps = output_tokens - 1
-            first, last = float(prompt_tokens), float(prompt_tokens + max(steps, 1) - 1)
-            contexts = np.linspace(first, last, STATIC_BATCH_SAMPLES if steps > 1 else 1)
-            spans.append((start, contexts, steps))
-            columns += [self.terms.prefill_sums(batch_size, prompt_tokens)[:, None], self.terms.decode_sums(batch_size, contexts)]
-            start += 1 + len(contexts)
-        seconds, energy = self.step_seconds_and_energy(np.concatenate(columns, axis=1))
-        trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
-        results = []
-        for start, contexts, steps in spans:
-            prefill_s, prefill_j = float(seconds[start]), float(energy[start])
-            decode_s_samples, decode_j_samples = seconds[start + 1 : start + 1 + len(contexts)], energy[start + 1 : start + 1 + len(contexts)]
-            if steps <= 0:
-                results.append((prefill_s, prefill_j, 0.0, 0.0))
-            elif len(contexts) == 1:
-                results.append((prefill_s, prefill_j, float(decode_s_samples[0]) * steps, float(decode_j_samples[0]) * steps))
-            else:
-                per_step = steps / float(contexts[-1] - contexts[0])
-                results.append((prefill_s, prefill_j, float(trapezoid(decode_s_samples, contexts)) * per_step,
-                                float(trapezoid(decode_j_samples, contexts)) * per_step))  # fmt: skip
+        columns = [self.terms.static_batch_sums(batch, prompt, output, STATIC_BATCH_SAMPLES) for batch, prompt, output in shapes]
+        seconds, energy = self.step_seconds_and_energy(np.concatenate([sums for sums, _ in columns], axis=1))
+        results, start = [], 0
+        for _, counts in columns:
+            end = start + len(counts)
+            decode = counts[1:]  # the prefill step is the first column of each batch
+            results.append((float(seconds[start]), float(energy[start]), float(decode @ seconds[start + 1 : end]),
+                            float(decode @ energy[start + 1 : end])))  # fmt: skip
+            start = end
         return results
 
 
 #: A model whose architecture is only approximated (parameter count) gets its log error band this much wider.
 APPROXIMATION_WIDENING = 2.0
 STATIC_BATCH_SAMPLES = 9
+
+__all__ = ["FittedModel", "FittedPredictor", "FitRow", "fit", "prior_model", "shipped_model", "NEWEST_SOFTWARE"]

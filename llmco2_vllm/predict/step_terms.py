@@ -234,6 +234,26 @@ class StepTerms:
             sliding = float(_keys_up_to(np.float64(prompt_tokens), self.window))
         return batch * np.array([1.0, prompt_tokens, 1.0, prompt_tokens, prompt_tokens if sliding else 0.0, pairs, sliding])
 
+    def static_batch_sums(self, batch: float, prompt_tokens: int, output_tokens: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sums, counts) of a static batch: its prefill step (count 1), then its decode steps at
+        ``samples`` evenly spaced contexts whose counts are trapezoid weights summing to the
+        output_tokens - 1 decode steps (step cost is linear in the context, kinked where a sliding
+        window fills)."""
+        steps = output_tokens - 1
+        prefill = self.prefill_sums(batch, prompt_tokens)[:, None]
+        if steps <= 0:
+            return prefill, np.ones(1)
+        contexts = np.linspace(prompt_tokens, prompt_tokens + steps - 1, samples if steps > 1 else 1)
+        if len(contexts) == 1:
+            counts = np.array([float(steps)])
+        else:
+            spacing = np.diff(contexts)
+            counts = np.zeros(len(contexts))
+            counts[:-1] += spacing / 2
+            counts[1:] += spacing / 2
+            counts *= steps / (contexts[-1] - contexts[0])
+        return np.concatenate([prefill, self.decode_sums(batch, contexts)], axis=1), np.concatenate([[1.0], counts])
+
     def serving_sums(self, batch: float, prompt_tokens: float, output_tokens: float, running_age: float) -> np.ndarray:
         """Sums of the mean step of steady-state serving: ``batch`` requests decoding, and the prompts
         of the batch / output_tokens requests that join each step prefilled in it (chunked prefill).

@@ -59,25 +59,12 @@ class Observation:
 
 
 def static_batch_observation(
-    terms: StepTerms, num_gpus: float, batch_size: int, prompt_tokens: int, output_tokens: int, samples: int = 9,
-    **measured,
+    terms: StepTerms, num_gpus: float, batch_size: int, prompt_tokens: int, output_tokens: int,
+    samples: int = fitted.STATIC_BATCH_SAMPLES, **measured,
 ) -> Observation:
-    """A static batch: its prefill step and its decode steps (sampled contexts, trapezoid weights)."""
-    steps = output_tokens - 1
-    columns = [terms.prefill_sums(batch_size, prompt_tokens)[:, None]]
-    counts = [1.0]
-    if steps > 0:
-        contexts = np.linspace(prompt_tokens, prompt_tokens + steps - 1, min(samples, steps))
-        columns.append(terms.decode_sums(batch_size, contexts))
-        if len(contexts) == 1:
-            counts.append(float(steps))
-        else:  # trapezoid weights over the contexts, scaled to the number of steps
-            spacing = np.diff(contexts)
-            weights = np.zeros(len(contexts))
-            weights[:-1] += spacing / 2
-            weights[1:] += spacing / 2
-            counts.extend(weights / weights.sum() * steps)
-    return Observation(terms, num_gpus, np.concatenate(columns, axis=1), np.array(counts), **measured)
+    """A static batch: its prefill step and its decode steps (``StepTerms.static_batch_sums``)."""
+    sums, counts = terms.static_batch_sums(batch_size, prompt_tokens, output_tokens, samples)
+    return Observation(terms, num_gpus, sums, counts, **measured)
 
 
 def serving_observation(terms: StepTerms, measurement) -> Observation:
@@ -123,8 +110,7 @@ class TermCalibration:
         if unknown:
             raise ValueError(f"calibrated parameters {', '.join(unknown[:5])} are not in the fitted model: "
                              "recalibrate with this version's `llmco2 calibrate`")  # fmt: skip
-        return FittedModel({**model.parameters, **self.parameters}, model.software, model.energy_log_quantiles,
-                           dict(model.notes))  # fmt: skip
+        return dataclasses.replace(model, parameters={**model.parameters, **self.parameters})
 
 
 def terms_from_file(path: str) -> TermCalibration | None:
@@ -213,7 +199,7 @@ def calibrate(
     from scipy.optimize import least_squares
 
     initial = start.model if start is not None else prior
-    model = fitted.FittedModel(dict(initial.parameters), prior.software, prior.energy_log_quantiles, dict(prior.notes))
+    model = dataclasses.replace(prior, parameters=dict(initial.parameters))
     deployment = CalibratedModel(model, software, start.idle_scale if start is not None else 1.0)
     version = deployment.software
     weight_of = dict(zip(map(id, observations), weights)) if weights is not None else {}
