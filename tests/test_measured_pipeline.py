@@ -250,7 +250,7 @@ def test_fitted_terms_learn_online_from_measured_windows(tmp_path):
         pipeline.close_window()
     samples = parse_metrics(generate_latest(pipeline.registry).decode())
     raw = metric_sum(samples, "llmco2_term_calibration_error_ratio", signal="energy", correction="raw")
-    learned = [e[1] for e in pipeline.term_learner.errors[-4:]]
+    learned = [e[1] for e in list(pipeline.term_learner.errors)[-4:]]
     assert raw > 0.05 and max(learned) < 0.03, (raw, learned)
     ratio = metric_sum(samples, "llmco2_calibrated_term_ratio", parameter="sequence_seconds")
     assert ratio > 1.2  # it found the per-sequence cost (from energy alone the ridge shares it out)

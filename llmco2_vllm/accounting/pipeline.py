@@ -384,11 +384,9 @@ class EnginePipeline:
             for parameter, ratio in ratios().items():
                 m.labels(m.term_ratio, parameter=parameter).set(ratio)
             learner = self.term_learner
-            for signal, errors in (("energy", learner.errors if learner else []),
-                                   ("time", learner.time_errors if learner else [])):  # fmt: skip
-                recent = errors[-50:]
-                for index, correction in enumerate(("raw", "calibrated")):
-                    value = sum(e[index] for e in recent) / len(recent) if recent else math.nan
+            for signal in ("energy", "time"):
+                errors = learner.rolling_error(50, signal) if learner else (math.nan, math.nan)
+                for correction, value in zip(("raw", "calibrated"), errors):
                     m.labels(m.term_error, signal=signal, correction=correction).set(value)
         prefill_scale, decode_scale, idle_watts = self.calibrator.factors
         m.labels(m.calibration_scale, phase="prefill").set(prefill_scale)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -263,6 +264,7 @@ class OnlineTermCalibrator:
     STEPS_PER_WINDOW = 48
     DRIFT_WINDOWS = 4
     DRIFT_ERROR = 0.15
+    ERROR_WINDOWS = 256  # one-step-ahead errors kept (bounded: a server runs for months)
 
     def __init__(self, prior: FittedModel, software: str | None = None, memory: int = 30, forgetting: float = 0.9,
                  max_evaluations: int = 200) -> None:  # fmt: skip
@@ -270,11 +272,12 @@ class OnlineTermCalibrator:
         self.memory, self.forgetting, self.max_evaluations = memory, forgetting, max_evaluations
         self.history: list[Observation] = []
         self.result: CalibrationResult | None = None
-        self.errors: list[tuple[float, float]] = []  # (prior, calibrated) one-step-ahead relative energy errors
-        self.time_errors: list[tuple[float, float]] = []
+        # (prior, calibrated) one-step-ahead relative errors of window energy and of measured time
+        self.errors: deque[tuple[float, float]] = deque(maxlen=self.ERROR_WINDOWS)
+        self.time_errors: deque[tuple[float, float]] = deque(maxlen=self.ERROR_WINDOWS)
         self.windows = 0
         self.resets = 0
-        self._drift: list[float] = []
+        self._drift: deque[float] = deque(maxlen=self.DRIFT_WINDOWS)
 
     @property
     def model(self) -> CalibratedModel:
@@ -311,19 +314,22 @@ class OnlineTermCalibrator:
         if observation.measured_seconds:
             measured = observation.measured_seconds
             self.time_errors.append((abs(prior_seconds / measured - 1), abs(seconds / measured - 1)))
-        recent = self._drift[-self.DRIFT_WINDOWS :]
+        recent = self._drift
         if len(recent) == self.DRIFT_WINDOWS and (all(e > self.DRIFT_ERROR for e in recent)
                                                   or all(e < -self.DRIFT_ERROR for e in recent)):  # fmt: skip
-            self.history, self.result, self._drift = [], None, []
+            self.history, self.result = [], None
+            self._drift.clear()
             self.resets += 1
 
     def terms(self) -> TermCalibration | None:
         """What was learned, in the calibration file's form (None before the first window)."""
         return None if self.result is None else self.result.terms
 
-    def rolling_error(self, windows: int = 10) -> tuple[float, float]:
-        """Mean (prior, calibrated) one-step-ahead relative energy error over the last windows."""
-        recent = self.errors[-windows:]
+    def rolling_error(self, windows: int = 10, signal: str = "energy") -> tuple[float, float]:
+        """Mean (prior, calibrated) one-step-ahead relative error over the last windows, of window
+        energy or (``signal="time"``) of the measured step time; NaN before any."""
+        errors = self.errors if signal == "energy" else self.time_errors
+        recent = list(errors)[-windows:]
         if not recent:
             return math.nan, math.nan
         return sum(e[0] for e in recent) / len(recent), sum(e[1] for e in recent) / len(recent)
