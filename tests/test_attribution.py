@@ -243,3 +243,76 @@ def test_ledger_keeps_a_nan_energy_out_of_the_token_counts() -> None:
     assert a is not None and b is not None
     assert np.isnan(a.prefill_energy_j) and a.decode_energy_j == 0.0 and (a.prefill_tokens, a.steps) == (10, 1)
     assert b.decode_energy_j == 2.0 and b.calibrated_decode_energy_j == 4.0 and (b.decode_tokens, b.steps) == (1, 1)
+
+
+# --- the fitted predictor: fixed step costs shared per scheduled sequence ----------------------------
+
+
+def _fitted(config: dict[str, Any]) -> Any:
+    from llmco2_vllm.predict.fitted import FittedPredictor
+
+    return FittedPredictor(ModelDescription.from_hf_config(config), Hardware(find_gpu("H100"), 1, 1, "configured"))
+
+
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 128, "vocab_size": 512,
+              "tie_word_embeddings": False, "torch_dtype": "float32"}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [LLAMA_31_8B, TINY_LLAMA])
+def test_fitted_split_sums_to_the_step_for_random_steps(config: dict[str, Any]) -> None:
+    predictor = _fitted(config)
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        step = random_step(rng)
+        prediction = predictor.predict_step(step)
+        prefill_j, decode_j = split_step_energy(prediction, step)
+        assert prefill_j.sum() == pytest.approx(prediction.prefill_energy_j, rel=1e-12)
+        assert decode_j.sum() == pytest.approx(prediction.decode_energy_j, rel=1e-12)
+        seconds, energy = predictor.step_seconds_and_energy(predictor.last_step_sums)  # the fitted step's totals
+        assert prediction.energy_j == pytest.approx(float(energy), rel=1e-12)
+        assert prediction.seconds == pytest.approx(float(seconds), rel=1e-12)
+        assert (prefill_j >= 0).all() and (decode_j >= 0).all()
+
+
+@pytest.mark.parametrize("config", [LLAMA_31_8B, TINY_LLAMA])
+def test_fitted_shares_fixed_step_costs_equally_and_work_by_work(config: dict[str, Any]) -> None:
+    """A step's fixed costs (scheduling, launches, per-sequence preparation and sampling) do not depend
+    on how many tokens a sequence scheduled: every scheduled sequence pays the same part of them, and
+    only what is left (the work) follows the work shares. A prompt chunk no longer pays for the
+    decodes' step overhead."""
+    predictor = _fitted(config)
+    step = StepShape.from_requests([("chunk", 120, 0, 240), ("idle", 0, 0, 50)] + [(f"d{i}", 0, 1, 100 + i) for i in range(8)])
+    prediction = predictor.predict_step(step)
+    prefill_j, decode_j = split_step_energy(prediction, step)
+    energy = prefill_j + decode_j
+    fixed_seconds, fixed_j = predictor.fixed_step_cost(predictor.terms.step_sums(step))
+    assert 0 < fixed_j < prediction.energy_j and 0 < fixed_seconds < prediction.seconds
+    assert energy[1] == 0.0  # scheduled nothing, pays nothing
+    work = np.delete(energy, 1) - fixed_j / 9
+    assert (work > 0).all() and work.sum() == pytest.approx(prediction.energy_j - fixed_j)
+    # The eight decodes did about the same work (contexts 100-107): they pay about the same.
+    assert np.allclose(energy[2:], energy[2], rtol=1e-2)
+    assert energy[0] > energy[2]  # the chunk's work is more than a decode's
+
+
+def test_fixed_costs_dominate_a_tiny_models_step_and_are_shared_by_sequences() -> None:
+    """On a 2-layer model every step is almost all overhead: a 120-token chunk and eight decodes each pay
+    about a ninth (before: the chunk paid ~94 %, its token share of the step's work)."""
+    predictor = _fitted(TINY_LLAMA)
+    step = StepShape.from_requests([("chunk", 120, 0, 240)] + [(f"d{i}", 0, 1, 100 + i) for i in range(8)])
+    prediction = predictor.predict_step(step)
+    energy = np.add(*split_step_energy(prediction, step)) / prediction.energy_j
+    assert energy == pytest.approx(np.full(9, 1 / 9), rel=0.05)
+    # The phases: the chunk's sequence is prefill, the decodes' are decode.
+    assert prediction.prefill_energy_j / prediction.energy_j == pytest.approx(energy[0])
+
+
+def test_a_sequence_with_both_phases_splits_its_fixed_share_by_its_tokens() -> None:
+    predictor = _fitted(TINY_LLAMA)
+    step = StepShape.from_requests([("both", 3, 1, 10), ("decode", 0, 1, 10)])
+    prediction = predictor.predict_step(step)
+    prefill_j, decode_j = split_step_energy(prediction, step)
+    _, fixed_j = predictor.fixed_step_cost(predictor.terms.step_sums(step))
+    assert prefill_j[1] == 0.0 and prefill_j[0] > decode_j[0] > 0
+    assert prefill_j[0] + decode_j[0] >= fixed_j / 2 and decode_j[1] >= fixed_j / 2

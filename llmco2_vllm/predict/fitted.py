@@ -43,7 +43,7 @@ import numpy as np
 
 from llmco2_vllm.predict.hardware import GpuSpec
 from llmco2_vllm.predict.step_shape import StepShape
-from llmco2_vllm.predict.step_terms import TERM_INDEX, TERM_NAMES, StepTerms
+from llmco2_vllm.predict.step_terms import TERM_INDEX, TERM_NAMES, WEIGHT_CLASSES, StepTerms
 
 if TYPE_CHECKING:
     from llmco2_vllm.predict.predictor import StepPrediction
@@ -436,7 +436,29 @@ class FittedPredictor:
     def _use(self, parameters: FittedModel) -> None:
         self.parameters = parameters
         # Sums -> parts of the step time in one small matrix product (per step: ~10 x 9).
-        self._parts_of_basis = parameters.linear_map() @ self.terms.matrix
+        linear = parameters.linear_map()
+        self._parts_of_basis = linear @ self.terms.matrix
+        # The step's fixed costs, what it costs whatever tokens its sequences schedule: streaming the
+        # dense weights once (the smooth max's value without compute), scheduling, launches and
+        # synchronisation, input preparation and sampling per scheduled sequence (the same for
+        # each) and each collective call's fixed cost. Rows: their seconds, the collective calls'
+        # seconds and the dense weights' datasheet memory seconds (for their power) among them.
+        communication, dense = PARTS.index("communication"), PARTS.index("dense_weights")
+        calls, weights = np.zeros_like(linear), np.zeros_like(linear)
+        for term in ("allreduce_calls", "alltoall_calls"):
+            calls[communication, TERM_INDEX[term]] = linear[communication, TERM_INDEX[term]]
+        for weight_class_name in WEIGHT_CLASSES:
+            column = TERM_INDEX[f"dense_weights_{weight_class_name}"]
+            weights[PARTS.index("datasheet_memory"), column] = linear[PARTS.index("datasheet_memory"), column]
+        calls_of_basis = (calls @ self.terms.matrix)[communication]
+        weights_of_basis = (weights @ self.terms.matrix)[PARTS.index("datasheet_memory")]
+        fixed_of_basis = self._parts_of_basis[PARTS.index("overhead")] + calls_of_basis + self._parts_of_basis[dense]
+        self._fixed_of_basis = np.stack([fixed_of_basis, calls_of_basis, weights_of_basis])
+        version = parameters._software(None)
+        activity = [parameters.parameters[f"{name}@{version}"] for name in _SOFTWARE_POWER_NAMES]
+        idle = parameters.idle_watts(self.gpu)
+        # (idle W, dynamic W, overhead, communication, compute, memory, 8-/4-bit expert activity)
+        self._power_terms = (idle, self.gpu.tdp_watts - idle, *activity, parameters.parameters["quantised_expert_activity"])
 
     def use_terms(self, model: FittedModel, idle_watts: float) -> None:
         """Predict with learned terms from now on (``idle_watts``: one GPU's idle power)."""
@@ -462,6 +484,37 @@ class FittedPredictor:
         power = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus
         return parts[0], power * parts[0] * self.median_factor
 
+    def _fixed_fraction(self, parts: Sequence[Any], fixed_seconds: Any, call_seconds: Any, weight_seconds: Any) -> Any:
+        """The share of a step's energy its fixed costs take (``parts``: ``combine``'s; floats for one
+        step, arrays for several).
+
+        Their part of the power model's own sum: idle power over their time plus the dynamic power
+        their activity adds (overhead activity over their time, communication activity over the
+        collective calls' time, memory activity over the weights' datasheet time), saturated like
+        all dynamic power. Exact where power is linear; at most 1.
+        """
+        seconds, compute, memory, communication, narrow = parts
+        idle, dynamic, overhead, communication_activity, compute_activity, memory_activity, narrow_activity = self._power_terms
+        busy = seconds > 0
+        per_second = busy / (seconds + (1 - busy))  # 1 / seconds, 0 for an empty step
+        activity = (compute_activity * compute + memory_activity * memory + communication_activity * communication
+                    + narrow_activity * narrow) * per_second + overhead  # fmt: skip
+        per_activity = dynamic / (1.0 + activity**4) ** 0.25  # _soft_clip(a) / a
+        total = idle * seconds + per_activity * activity * seconds
+        fixed = idle * fixed_seconds + per_activity * (
+            overhead * fixed_seconds + communication_activity * call_seconds + memory_activity * weight_seconds
+        )
+        return np.minimum(1.0, fixed * busy / (total + (1 - busy)))
+
+    def fixed_step_cost(self, sums: np.ndarray) -> tuple[float, float]:
+        """(seconds, J of all GPUs) of the fixed costs of one step with these sums (``SUM_NAMES``)."""
+        basis = self.terms.basis(np.asarray(sums, dtype=np.float64))
+        parts = self.parameters.combine((self._parts_of_basis @ basis).tolist())
+        power = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus
+        fixed_seconds, call_seconds, weight_seconds = (self._fixed_of_basis @ basis).tolist()
+        energy = power * parts[0] * self.median_factor
+        return fixed_seconds, energy * self._fixed_fraction(parts, fixed_seconds, call_seconds, weight_seconds)
+
     def predict_step(self, step: StepShape) -> "StepPrediction":
         from llmco2_vllm.predict.predictor import StepPrediction
 
@@ -475,12 +528,37 @@ class FittedPredictor:
         if self.terms.sliding_layers and self.terms.window:
             sums[4], sums[6] = total[6], total[5]
         self.last_step_sums = array = np.array(sums)
-        t, e = self._totals((self._parts_of_basis @ self.terms.basis(array)).tolist())
+        step_basis = self.terms.basis(array)
+        parts = self.parameters.combine((self._parts_of_basis @ step_basis).tolist())
+        t = parts[0]
+        e = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus * t * self.median_factor
         prefill_s, decode_s, prefill_j, decode_j, prefill_w, decode_w = self.roofline.phases_from_basis(basis, phase_sums)
         time_share = prefill_s / (prefill_s + decode_s) if prefill_s + decode_s > 0 else 0.0
         energy_share = prefill_j / (prefill_j + decode_j) if prefill_j + decode_j > 0 else 0.0
+        fixed_s, call_s, weight_s = (self._fixed_of_basis @ step_basis).tolist()
+        fixed_j = e * self._fixed_fraction(parts, fixed_s, call_s, weight_s)
+        # The work (what tokens add) splits by the roofline's phase and per-request work shares; the
+        # fixed costs equally among the scheduled sequences, since none of them depends on how many
+        # tokens a sequence scheduled (a sequence with both phases' tokens splits its share by them).
+        work_s, work_j = t - fixed_s, e - fixed_j
+        prefill_tokens, decode_tokens = step.prefill_tokens, step.decode_tokens
+        per_token = 1.0 / (np.maximum(prefill_tokens + decode_tokens, 1) * max(sequences, 1.0))
+        per_sequence = prefill_tokens * per_token  # each scheduled sequence's prefill part of 1 / sequences
+        decode_per_sequence = decode_tokens * per_token
+        prefill_sequences = float(per_sequence.sum())  # the prefill phase's share of the fixed costs
+        prefill_total_j = work_j * energy_share + fixed_j * prefill_sequences
+        decode_total_j = work_j * (1.0 - energy_share) + fixed_j * (1.0 - prefill_sequences)
+        if prefill_total_j > 0:
+            prefill_w = (work_j * energy_share * prefill_w + fixed_j * per_sequence) / prefill_total_j
+        if decode_total_j > 0:
+            decode_w = (work_j * (1.0 - energy_share) * decode_w + fixed_j * decode_per_sequence) / decode_total_j
         return StepPrediction(
-            t * time_share, t * (1.0 - time_share), e * energy_share, e * (1.0 - energy_share), prefill_w, decode_w
+            work_s * time_share + fixed_s * prefill_sequences,
+            work_s * (1.0 - time_share) + fixed_s * (1.0 - prefill_sequences),
+            prefill_total_j,
+            decode_total_j,
+            prefill_w,
+            decode_w,
         )
 
     def static_batch(self, batch_size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float, float, float]:
@@ -492,14 +570,34 @@ class FittedPredictor:
         request forecast needs up to six). Each batch is its prefill step and its decode steps,
         evaluated at ``STATIC_BATCH_SAMPLES`` contexts and summed with the trapezoid rule: step time
         is linear in the context (kinked where a sliding window fills) and energy nearly so."""
+        return self._static_batches(shapes, False)  # type: ignore[return-value]
+
+    def static_batches_with_fixed(self, shapes: Sequence[tuple[int, int, int]]) -> list[tuple[float, ...]]:
+        """``static_batches``, each with the fixed costs (seconds, J: ``fixed_step_cost``) of one step
+        of the whole batch at the prompt's context (its first decode step; its prefill step without
+        one): what each further step the batch runs adds to be shared equally (chunked prefill)."""
+        return self._static_batches(shapes, True)
+
+    def _static_batches(self, shapes: Sequence[tuple[int, int, int]], with_fixed: bool) -> list[tuple[float, ...]]:
         columns = [self.terms.static_batch_sums(batch, prompt, output, STATIC_BATCH_SAMPLES) for batch, prompt, output in shapes]
-        seconds, energy = self.step_seconds_and_energy(np.concatenate([sums for sums, _ in columns], axis=1))
-        results, start = [], 0
+        basis = self.terms.basis(np.concatenate([sums for sums, _ in columns], axis=1))
+        parts = self.parameters.combine(self._parts_of_basis @ basis)
+        seconds = parts[0]
+        energy = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus * seconds * self.median_factor
+        if with_fixed:
+            fixed_seconds, call_seconds, weight_seconds = self._fixed_of_basis @ basis
+            fixed_j = energy * self._fixed_fraction(parts, fixed_seconds, call_seconds, weight_seconds)
+        results: list[tuple[float, ...]] = []
+        start = 0
         for _, counts in columns:
             end = start + len(counts)
             decode = counts[1:]  # the prefill step is the first column of each batch
-            results.append((float(seconds[start]), float(energy[start]), float(decode @ seconds[start + 1 : end]),
-                            float(decode @ energy[start + 1 : end])))  # fmt: skip
+            result = (float(seconds[start]), float(energy[start]), float(decode @ seconds[start + 1 : end]),
+                      float(decode @ energy[start + 1 : end]))  # fmt: skip
+            if with_fixed:
+                step = start + 1 if end > start + 1 else start
+                result += (float(fixed_seconds[step]), float(fixed_j[step]))
+            results.append(result)
             start = end
         return results
 
