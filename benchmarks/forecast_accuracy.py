@@ -201,7 +201,7 @@ def forecast_latency(model_dir: Path, outcomes_from: list[dict], predictor_name:
             for r in outcomes_from
         ])  # fmt: skip
         service._learned = (float("inf"), learner)  # what the server had learned; no store read while timing
-        service._engine_state = (float("inf"), {"running_requests": 7, "mean_running_requests": 7.6,
+        service._engine_state = (float("inf"), {"running_requests": 7, "mean_running_requests": 7.6, "step_token_budget": 128,
                                                "prefill_scale": 1.0, "decode_scale": 1.0, "calibrated_error": None})  # fmt: skip
         rng = random.Random(5)
         shapes = [RequestShape(rng.randint(8, 400), rng.randint(8, 160), 1, False) for _ in range(2000)]

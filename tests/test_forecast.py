@@ -40,3 +40,51 @@ def test_single_output_token_has_no_decode_step():
     predictor = AnalyticPredictor(load_model("meta-llama/Llama-3.1-8B-Instruct"), Hardware(find_gpu("H100"), 1, 1, "configured"))
     forecast = forecast_static_batch(predictor, 4, 512, 1)
     assert forecast.decode_j == 0 and forecast.prefill_j > 0
+
+
+# --- the fitted default: chunked prefill priced like the engine runs it and attribution shares it ------
+
+
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 32, "intermediate_size": 128, "vocab_size": 512,
+              "tie_word_embeddings": False, "torch_dtype": "float32"}  # fmt: skip
+
+
+def attributed_in_a_running_batch(predictor, batch: int, prompt: int, output: int, budget: int) -> float:
+    """What attribution charges one request that arrives while ``batch - 1`` like requests decode: its
+    prompt in chunks of what the step budget leaves (chunked prefill), then its decodes."""
+    from llmco2_vllm.accounting.attribution import split_step_energy
+
+    others = [(f"o{i}", 0, 1, prompt + 20 * i) for i in range(batch - 1)]
+    charged, done, steps = 0.0, 0, []
+    while done < prompt:
+        chunk = min(prompt - done, budget - len(others))
+        steps.append(StepShape.from_requests([("me", chunk, 0, done)] + others))
+        done += chunk
+    steps += [StepShape.from_requests([("me", 0, 1, prompt + k)] + others) for k in range(output - 1)]
+    for step in steps:
+        prefill_j, decode_j = split_step_energy(predictor.predict_step(step), step)
+        charged += prefill_j[0] + decode_j[0]
+    return charged
+
+
+@pytest.mark.parametrize("prompt, output", [(400, 10), (400, 120), (60, 10), (250, 40)])
+def test_fitted_forecast_follows_chunked_prefill(prompt: int, output: int) -> None:
+    """On an overhead-dominated model a request's energy is its share of the steps it is scheduled in:
+    a prompt longer than a step's budget takes several. With the engine's step budget the forecast
+    counts them and lands on what attribution charges; without it, it prices one prefill step."""
+    from llmco2_vllm.predict.fitted import FittedPredictor
+    from llmco2_vllm.predict.forecast import RequestForecaster
+    from llmco2_vllm.predict.model_description import ModelDescription
+
+    predictor = FittedPredictor(ModelDescription.from_hf_config(TINY_LLAMA), Hardware(find_gpu("H100"), 1, 1, "configured"))
+    forecaster = RequestForecaster(predictor, 1, 0.0, 1.0)
+    actual = attributed_in_a_running_batch(predictor, 8, prompt, output, budget=128)
+    chunked = forecaster.forecast(prompt, output, 400.0, running_requests=7, step_token_budget=128).energy_j
+    one_step = forecaster.forecast(prompt, output, 400.0, running_requests=7).energy_j
+    assert chunked / actual == pytest.approx(1.0, abs=0.05)
+    chunks = -(-prompt // 121)
+    if chunks > 1:
+        assert one_step < chunked and one_step / actual < 0.99
+    else:
+        assert one_step == chunked

@@ -138,6 +138,9 @@ class EnginePipeline:
         self.upstream_dropped = 0  # steps the engine's recorder dropped before they reached this process
         self._evicted_seen = 0
         self.steps_processed = 0
+        # The most tokens one step scheduled: the engine's token budget once a step filled it (a
+        # chunked prompt does); forecasts price a longer prompt in several prefill steps.
+        self.largest_step_tokens = 0
         self._increments = _PendingIncrements()
         self._next_publish = time.monotonic() + settings.flush_interval_seconds
         self._unpublished = True
@@ -269,8 +272,11 @@ class EnginePipeline:
             self.steps_processed += 1
             add(series.steps, 1)
             add(series.step_wall_seconds, max(shape.wall_seconds, 0.0))
-            add(series.tokens["prefill"], int(shape.prefill_tokens.sum()))
-            add(series.tokens["decode"], int(shape.decode_tokens.sum()))
+            prefill_tokens, decode_tokens = int(shape.prefill_tokens.sum()), int(shape.decode_tokens.sum())
+            add(series.tokens["prefill"], prefill_tokens)
+            add(series.tokens["decode"], decode_tokens)
+            if prefill_tokens + decode_tokens > self.largest_step_tokens:
+                self.largest_step_tokens = prefill_tokens + decode_tokens
             for request_id, tokens in captured.cached_tokens.items():
                 add(series.tokens["cached"], tokens)
                 self.ledger.add_cached_tokens(request_id, tokens)
@@ -475,6 +481,7 @@ class EnginePipeline:
                 {
                     "running_requests": len(self.ledger),
                     "mean_running_requests": sum(samples) / len(samples),
+                    "step_token_budget": self.largest_step_tokens or None,
                     "prefill_scale": prefill_scale,
                     "decode_scale": decode_scale,
                     "idle_watts": idle_watts,

@@ -322,25 +322,42 @@ class RequestForecaster:
         self.pue = pue
 
     def _shares(
-        self, batch: float, prompt_tokens: int, outputs: Sequence[int], scales: tuple[float, float], cached_share: float
+        self, batch: float, prompt_tokens: int, outputs: Sequence[int], scales: tuple[float, float], cached_share: float,
+        step_token_budget: float | None = None,
     ) -> list[tuple[float, float]]:
         """(energy J, seconds) of one request in a batch of ``batch`` (fractional: interpolated between
         the whole batches around it), for each output length; all static batches in one call where the
-        predictor evaluates several at once (``static_batches``)."""
+        predictor evaluates several at once (``static_batches``).
+
+        With the engine's ``step_token_budget`` known, and a predictor whose attribution shares a step's
+        fixed costs equally among the sequences it schedules (``static_batches_with_fixed``), a prompt longer
+        than what a step leaves it (the budget less one token per other running request) runs in
+        several prefill steps (chunked prefill), each with its share of a step's fixed cost: the
+        static batch priced one."""
         whole = max(1, int(batch))
         fraction = batch - whole
         sizes = (whole, whole + 1) if fraction > 1e-6 else (whole,)
         shapes = [(size, prompt_tokens, output) for output in outputs for size in sizes]
-        many = getattr(self.predictor, "static_batches", None)
+        extra_steps = 0
+        with_fixed = getattr(self.predictor, "static_batches_with_fixed", None)
+        if with_fixed is not None and step_token_budget and math.isfinite(step_token_budget):
+            chunk = max(1.0, step_token_budget - (batch - 1.0))  # the running requests decode a token each
+            extra_steps = max(0, math.ceil(prompt_tokens * (1.0 - cached_share) / chunk - 1e-9) - 1)
+        many = with_fixed if extra_steps else getattr(self.predictor, "static_batches", None)
+        extra = [(0.0, 0.0)] * len(shapes)  # (seconds, J) of the prefill steps after the first
         if many is not None:
-            forecasts = [BatchForecast(b, p, o, pj, dj, ps, ds) for (b, p, o), (ps, pj, ds, dj) in zip(shapes, many(shapes))]
+            results = many(shapes)
+            forecasts = [BatchForecast(b, p, o, pj, dj, ps, ds) for (b, p, o), (ps, pj, ds, dj, *_) in zip(shapes, results)]
+            if extra_steps:  # each such step: one step of the whole batch, its fixed costs shared equally
+                extra = [(extra_steps * result[4], extra_steps * result[5]) for result in results]
         else:
             forecasts = [forecast_static_batch(self.predictor, b, p, o) for b, p, o in shapes]
         shares = []
         for index in range(0, len(forecasts), len(sizes)):
             # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
-            values = [((f.prefill_j * (1.0 - cached_share) * scales[0] + f.decode_j * scales[1]) / f.batch_size, f.seconds)
-                      for f in forecasts[index : index + len(sizes)]]  # fmt: skip
+            values = [(((f.prefill_j * (1.0 - cached_share) + extra_j) * scales[0] + f.decode_j * scales[1]) / f.batch_size,
+                       f.seconds + extra_s)
+                      for f, (extra_s, extra_j) in zip(forecasts[index : index + len(sizes)], extra[index : index + len(sizes)])]  # fmt: skip
             energy_j, seconds = values[0]
             if len(values) == 2:
                 energy_j += (values[1][0] - energy_j) * fraction
@@ -360,8 +377,12 @@ class RequestForecaster:
         relative_error: float | None = None,
         mean_running_requests: float | None = None,
         learner: ForecastLearner | None = None,
+        step_token_budget: float | None = None,
     ) -> RequestForecast:
         """``relative_error``: the calibrated model's measured error ratio; None = not calibrated yet.
+
+        ``step_token_budget``: the most tokens the engine schedules in one step (None: unknown, a
+        prompt is priced as one prefill step).
 
         ``mean_running_requests``: the engine's recent mean running batch; ``learner``: what recent
         outcomes taught (output lengths, prefix-cache hits, correction), else ``recent_outputs`` only.
@@ -379,7 +400,7 @@ class RequestForecaster:
         if mean_running_requests is not None and math.isfinite(mean_running_requests):
             batch = max(batch, float(mean_running_requests))
         lengths = sorted({outputs.expected, outputs.low, outputs.high})
-        share_of = dict(zip(lengths, self._shares(batch, prompt_tokens, lengths, scales, cached_share)))
+        share_of = dict(zip(lengths, self._shares(batch, prompt_tokens, lengths, scales, cached_share, step_token_budget)))
         expected = share_of[outputs.expected]
         energy_j, seconds = expected
         grams_per_joule = grams_co2e_per_kwh * self.pue / 3.6e6

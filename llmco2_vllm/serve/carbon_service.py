@@ -287,6 +287,7 @@ class CarbonService:
                     sum(float(e.get("mean_running_requests", e.get("running_requests", 0))) for e in engines) / len(engines)
                     if engines else None
                 ),
+                "step_token_budget": max((e.get("step_token_budget") or 0 for e in engines), default=0) or None,
                 "prefill_scale": engines[0].get("prefill_scale", 1.0) if engines else 1.0,
                 "decode_scale": engines[0].get("decode_scale", 1.0) if engines else 1.0,
                 "calibrated_error": engines[0].get("calibrated_error") if engines else None,
@@ -318,6 +319,7 @@ class CarbonService:
             relative_error=error if isinstance(error, (int, float)) and math.isfinite(error) else None,
             mean_running_requests=engine["mean_running_requests"],
             learner=self._learner(),
+            step_token_budget=engine.get("step_token_budget"),
         )
 
     def _shape_and_forecast(self, body: Any, chat: bool) -> tuple[RequestShape, RequestForecast]:
