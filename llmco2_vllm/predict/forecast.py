@@ -384,7 +384,7 @@ class RequestForecaster:
         ``step_token_budget``: the most tokens the engine schedules in one step (None: unknown, a
         prompt is priced as one prefill step).
 
-        ``mean_running_requests``: the engine's recent mean running batch; ``learner``: what recent
+        ``mean_running_requests``: the batch the engine has been running (a lower bound); ``learner``: what recent
         outcomes taught (output lengths, prefix-cache hits, correction), else ``recent_outputs`` only.
 
         The interval: with a learned correction, its measured 10-90 % ratios; before, the

@@ -313,11 +313,14 @@ class CarbonService:
             max_tokens=shape.max_tokens,
             grams_co2e_per_kwh=self.intensity.current().grams_co2e_per_kwh,
             parts=shape.parts,
-            # The engine publishes every half second; requests this server sent it since count too.
-            running_requests=max(engine["running_requests"], self._in_flight),
+            # This server's requests in flight are exact; the engine's count (published every half
+            # second, all servers' requests) may still hold requests that finished since, and a
+            # request arriving as another finishes takes its place (closed-loop clients): a lower
+            # bound on the batch, like its recent mean, not more requests besides this one.
+            running_requests=self._in_flight,
             scales=(engine["prefill_scale"], engine["decode_scale"]),
             relative_error=error if isinstance(error, (int, float)) and math.isfinite(error) else None,
-            mean_running_requests=engine["mean_running_requests"],
+            mean_running_requests=max(engine["mean_running_requests"] or 0.0, float(engine["running_requests"])) or None,
             learner=self._learner(),
             step_token_budget=engine.get("step_token_budget"),
         )
