@@ -166,6 +166,14 @@ class Settings:
         "", "JSON-lines file, one record per finished request (audits)", check=_writable_directory
     )
     measure_energy: bool = _setting(True, "read the engine's GPUs' energy counters through NVML when a GPU is present")
+    rank_energy_port: int = _setting(
+        29620,
+        "multi-node engines (`--nnodes` > 1): each vLLM worker on another node meters its own GPU and reports it "
+        "to the engine at `--master-addr` on this TCP port (+ the data-parallel rank)",
+        minimum=1024,
+        maximum=65000,
+        fix="use a free TCP port from {minimum} to {maximum} (default {default}), open between the nodes.",
+    )
     calibration_file: str = _setting(
         "",
         "where the online calibration is kept across restarts (loaded at start; a corrupt file stops start-up with the fix)",

@@ -20,7 +20,7 @@ from llmco2_vllm.accounting.pipeline import EnginePipeline
 from llmco2_vllm.carbon.intensity import lookup_region
 from llmco2_vllm.dev.prometheus_text import metric_sum, parse_metrics
 from llmco2_vllm.measure.energy_meter import EnergyMeter
-from llmco2_vllm.plugin.entry_points import engine_gpu_indices
+from llmco2_vllm.plugin.placement import engine_placement
 from llmco2_vllm.plugin.scheduler_hook import StepRecorder, compact_step
 from llmco2_vllm.predict.calibration import OnlineCalibrator
 from llmco2_vllm.predict.hardware import Hardware, find_gpu
@@ -195,7 +195,9 @@ def test_data_parallel_engines_meter_their_own_gpus(monkeypatch):
     gpus = [FakeGpu(uuid=f"GPU-{i}") for i in range(4)]
     metered = {}
     for rank in (0, 1):
-        indices = engine_gpu_indices(2, rank)
+        parallel = SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1, data_parallel_index=rank,
+                                   data_parallel_rank=0, data_parallel_rank_local=rank, nnodes_within_dp=1)
+        indices = engine_placement(parallel, 29620).gpu_indices
         meter = EnergyMeter(gpu_indices=list(indices), pynvml_module=FakeNvml(gpus))
         metered[rank] = [(device.index, device.uuid) for device in meter.devices]
         meter.close()

@@ -56,6 +56,8 @@ class WindowResult:
     meter_incidents: int = 0
     # Per GPU, for meters that read GPUs one by one (``EnergyMeter.gpu_totals``); empty otherwise.
     gpus: tuple[GpuWindowEnergy, ...] = ()
+    # Measured with every GPU and no incident in this window or the one before: fit to learn from.
+    complete: bool = False
 
 
 class WindowAccountant:
@@ -76,6 +78,7 @@ class WindowAccountant:
         self.clock = clock
         self._started = clock()
         self._gpu_start_j: dict[tuple[int, str], float] = {}
+        self._gpu_joined = False  # a GPU first seen at this read: its energy before it is unknown
         self._meter_start = self._read_meter()[0] if self.meter else 0.0
         self.metered_gpus: tuple[tuple[int, str], ...] = tuple(self._gpu_start_j)  # (NVML index, UUID)
         self._incidents_seen = _meter_incidents(self.meter)
@@ -102,10 +105,12 @@ class WindowAccountant:
         measured = split = None
         learned = False
         new_incidents = 0
+        complete = False
         gpus: tuple[GpuWindowEnergy, ...] = ()
         if self.meter is not None:
             total, gpus = self._read_meter()
-            measured = max(total - self._meter_start, 0.0)
+            # Per GPU where the meter reads them one by one, so a GPU that joins adds only its window.
+            measured = sum(gpu.window_j for gpu in gpus) if gpus else max(total - self._meter_start, 0.0)
             self._meter_start = total
             parts = sum(calibrated)
             if parts > 0:
@@ -119,8 +124,11 @@ class WindowAccountant:
             incidents = _meter_incidents(self.meter)
             new_incidents = incidents - self._incidents_seen
             self._incidents_seen = incidents
-            disturbed = new_incidents > 0
-            if not disturbed and not self._previous_window_disturbed:
+            # A GPU that joined in this window (a rank on another node that reported late) is missing
+            # from its start: the window is exported but not learned from.
+            disturbed = new_incidents > 0 or self._gpu_joined
+            complete = not disturbed and not self._previous_window_disturbed
+            if complete:
                 learned = self.calibrator.update(prefill_j, decode_j, idle_seconds, measured)
             self._previous_window_disturbed = disturbed
         self._started = now
@@ -137,6 +145,7 @@ class WindowAccountant:
             learned=learned,
             meter_incidents=new_incidents,
             gpus=gpus,
+            complete=complete,
         )
 
     def _read_meter(self) -> tuple[float, tuple[GpuWindowEnergy, ...]]:
@@ -146,8 +155,10 @@ class WindowAccountant:
         if read_gpus is None:
             return self.meter.total_energy_j(), ()
         gpus = []
+        self._gpu_joined = False
         for gpu in read_gpus():
             key = (gpu.index, gpu.uuid)
+            self._gpu_joined |= key not in self._gpu_start_j
             start_j = self._gpu_start_j.get(key, gpu.energy_j)
             self._gpu_start_j[key] = gpu.energy_j
             gpus.append(GpuWindowEnergy(gpu.index, gpu.uuid, gpu.energy_j, max(gpu.energy_j - start_j, 0.0)))

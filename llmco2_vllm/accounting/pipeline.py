@@ -367,7 +367,7 @@ class EnginePipeline:
         """Feed the closed window to the term learner and predict with what it learned."""
         steps, self._window_steps = self._window_steps, _StepSample()
         learner = self.term_learner
-        if learner is None or result.measured_j is None or result.meter_incidents or not steps.count:
+        if learner is None or result.measured_j is None or not result.complete or not steps.count:
             return
         try:
             predictor = self.predictor

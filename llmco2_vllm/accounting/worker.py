@@ -53,6 +53,8 @@ class WorkerSpec:
     gpu_indices: tuple[int, ...]  # CUDA ordinals of this engine's GPUs, for the energy meter
     snapshot_path: str | None  # metrics file the API server serves (None in multiprocess mode)
     results_dir: str | None  # per-request results store (None without the carbon endpoints)
+    remote_ranks: tuple[int, ...] = ()  # worker ranks on other nodes, which report their GPUs' energy
+    rank_energy_address: str | None = None  # where they report to (ZeroMQ address)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -62,6 +64,8 @@ class WorkerSpec:
                 "gpu_indices": list(self.gpu_indices),
                 "snapshot_path": self.snapshot_path,
                 "results_dir": self.results_dir,
+                "remote_ranks": list(self.remote_ranks),
+                "rank_energy_address": self.rank_energy_address,
             }
         )
 
@@ -74,7 +78,27 @@ class WorkerSpec:
             tuple(int(index) for index in values["gpu_indices"]),
             values["snapshot_path"],
             values["results_dir"],
+            tuple(int(rank) for rank in values.get("remote_ranks", ())),
+            values.get("rank_energy_address"),
         )
+
+
+def _with_remote_ranks(meter: Any, spec: WorkerSpec) -> Any:
+    """The local meter joined with the reports of the engine's workers on other nodes."""
+    from llmco2_vllm.measure.rank_energy import NodesEnergyMeter, RankEnergyReceiver
+
+    try:
+        receiver = RankEnergyReceiver(spec.rank_energy_address, spec.remote_ranks)
+    except Exception as error:
+        # Without the other nodes' GPUs every window would be short: measure nothing rather than part.
+        logger.warning(
+            "llmco2: cannot listen for the other nodes' GPU energy on %s (%r); set LLMCO2_RANK_ENERGY_PORT to a "
+            "free port open between the nodes. Energy is predicted, not measured.", spec.rank_energy_address, error,
+        )  # fmt: skip
+        meter.close()
+        return None
+    logger.info("llmco2: ranks %s on other nodes report their GPU energy to %s", list(spec.remote_ranks), spec.rank_energy_address)
+    return NodesEnergyMeter(meter, receiver)
 
 
 def build_pipeline(spec: WorkerSpec, settings: Settings):
@@ -94,6 +118,8 @@ def build_pipeline(spec: WorkerSpec, settings: Settings):
         meter = EnergyMeter(gpu_indices=list(spec.gpu_indices))
         if not meter.available:
             logger.info("llmco2: GPU energy not measured (%s); predictions only", meter.reason)
+        elif spec.remote_ranks and spec.rank_energy_address:
+            meter = _with_remote_ranks(meter, spec)
     calibrator = None
     if settings.calibration_file:
         from llmco2_vllm.predict.calibration import OnlineCalibrator

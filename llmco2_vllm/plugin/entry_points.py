@@ -24,7 +24,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmco2_vllm.plugin.placement import engine_placement
 from llmco2_vllm.plugin.scheduler_hook import capturing_scheduler
+from llmco2_vllm.plugin.worker_hook import wrap_worker_device_init
 from llmco2_vllm.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ def register() -> None:
         _check_files(settings)  # raises with the fix: vLLM stops at start-up
         _ensure_run_dir()
         _wrap_scheduler_selection()
+        wrap_worker_device_init()  # worker processes of multi-node engines meter their own GPU
         _registered = True
 
 
@@ -148,17 +151,16 @@ def start_accounting(vllm_config: Any):
     hardware, parallel = deployment.hardware, vllm_config.parallel_config
     if hardware.source == "configured":
         logger.info("llmco2: no NVIDIA GPU visible; predicting for the configured target %s", hardware.gpu.name)
-    engine = str(getattr(parallel, "data_parallel_rank", 0) or 0)
+    placement = engine_placement(parallel, settings.rank_energy_port)
     run_dir = os.environ.get(RUN_DIR_VARIABLE)
-    # This engine's GPUs: its TP x PP ranks, offset by its local data-parallel rank.
-    world = hardware.num_gpus
-    local_rank = int(getattr(parallel, "data_parallel_rank_local", 0) or 0)
     spec = WorkerSpec(
         deployment=deployment,
-        engine=engine,
-        gpu_indices=engine_gpu_indices(world, local_rank),
-        snapshot_path=str(Path(run_dir) / f"engine-{engine}.prom") if run_dir and not multiprocess_mode() else None,
+        engine=placement.engine,
+        gpu_indices=placement.gpu_indices,
+        snapshot_path=str(Path(run_dir) / f"engine-{placement.engine}.prom") if run_dir and not multiprocess_mode() else None,
         results_dir=run_dir if run_dir and endpoints_enabled() else None,
+        remote_ranks=placement.remote_ranks,
+        rank_energy_address=placement.rank_energy_address,
     )
     forwarder = StepForwarder(spec, settings)
     _forwarders.append(forwarder)
@@ -169,9 +171,3 @@ def engine_forwarders() -> list[Any]:
     """The ``StepForwarder`` of each engine running in this process (offline ``LLM`` with in-process
     engine): ``recorder``, ``wait_idle``, ``report`` and ``stop``."""
     return list(_forwarders)
-
-
-def engine_gpu_indices(gpus_per_engine: int, data_parallel_rank_local: int) -> tuple[int, ...]:
-    """CUDA ordinals of one data-parallel engine's GPUs: vLLM gives local DP rank r the r-th block of TP x PP GPUs."""
-    start = data_parallel_rank_local * gpus_per_engine
-    return tuple(range(start, start + gpus_per_engine))
