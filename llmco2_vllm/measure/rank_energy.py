@@ -218,18 +218,13 @@ class NodesEnergyMeter:
         self.local = local
         self.receiver = receiver
         self.available = local.available
-        self.reason = local.reason
         self._stale_after_seconds = stale_after_seconds
-        self._remote_j: dict[tuple[int, str], GpuTotal] = {}  # per (rank, uuid), never decreasing
-        self._remote_raw: dict[tuple[int, str], tuple[float, float]] = {}  # (last reported total, offset)
+        # Per (rank, uuid): the last report and the energy of earlier runs of that worker (restarts).
+        self._remote: dict[tuple[int, str], tuple[GpuTotal, float]] = {}
         self._remote_incidents: dict[int, int] = {}
         self._missing_reads = 0
         self._logged_missing: set[int] = set()
         self._lock = threading.Lock()
-
-    @property
-    def devices(self) -> list[Any]:
-        return self.local.devices
 
     @property
     def errors(self) -> dict[str, int]:
@@ -260,12 +255,11 @@ class NodesEnergyMeter:
                 self._remote_incidents[rank] = report.incidents
                 for gpu in report.gpus:
                     key = (rank, gpu.uuid)
-                    last_raw_j, offset_j = self._remote_raw.get(key, (0.0, 0.0))
-                    if gpu.energy_j < last_raw_j:
-                        offset_j += last_raw_j  # the worker restarted: its total counts from zero again
-                    self._remote_raw[key] = (gpu.energy_j, offset_j)
-                    self._remote_j[key] = GpuTotal(gpu.index, gpu.uuid, gpu.name, offset_j + gpu.energy_j)
-            remote = tuple(self._remote_j.values())
+                    last, offset_j = self._remote.get(key, (None, 0.0))
+                    if last is not None and gpu.energy_j < last.energy_j:
+                        offset_j += last.energy_j  # the worker restarted: its total counts from zero again
+                    self._remote[key] = (gpu, offset_j)
+            remote = tuple(GpuTotal(gpu.index, gpu.uuid, gpu.name, offset_j + gpu.energy_j) for gpu, offset_j in self._remote.values())
         return local + remote
 
     def total_energy_j(self) -> float:
