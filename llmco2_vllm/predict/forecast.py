@@ -9,6 +9,7 @@ the trapezoid rule (exact for linear cost), as LLMCO2 does.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -139,20 +140,36 @@ def estimate_output_tokens(max_tokens: int, recent: list[tuple[int, int | None]]
     and applied to this one (quantiles 10/50/90 %), never above ``max_tokens``. The share that ran to
     the limit versus stopped early (the stop-reason mix) is part of that distribution.
     """
-    usable = [(output, limit) for output, limit in recent if limit and limit > 0 and output > 0]
-    band = length_band(max_tokens)
-    same_band = [pair for pair in usable if length_band(pair[1]) == band]
-    chosen = same_band if len(same_band) >= _MIN_LEARNED_SAMPLES else usable
-    ratios = sorted(min(output / limit, 1.0) for output, limit in chosen)
-    if len(ratios) < _MIN_LEARNED_SAMPLES:
-        return OutputLengthEstimate(max_tokens, 1, max_tokens, "max_tokens")
+    return OutputLengths(recent).estimate(max_tokens)
 
-    def quantile(q: float) -> int:
-        ratio = ratios[min(int(q * len(ratios)), len(ratios) - 1)]
-        return max(1, min(max_tokens, round(ratio * max_tokens)))
 
-    early = sum(1 for ratio in ratios if ratio < 1.0) / len(ratios)
-    return OutputLengthEstimate(quantile(0.5), quantile(0.1), quantile(0.9), "learned", early)
+class OutputLengths:
+    """``estimate_output_tokens`` with the history sorted once per band (a forecast then reads it in O(1))."""
+
+    def __init__(self, recent: list[tuple[int, int | None]]) -> None:
+        self._all: list[float] = []
+        self._bands: dict[int, list[float]] = {}
+        for output, limit in recent:
+            if limit and limit > 0 and output > 0:
+                ratio = min(output / limit, 1.0)
+                self._all.append(ratio)
+                self._bands.setdefault(length_band(limit), []).append(ratio)
+        self._all.sort()
+        for ratios in self._bands.values():
+            ratios.sort()
+
+    def estimate(self, max_tokens: int) -> OutputLengthEstimate:
+        same_band = self._bands.get(length_band(max_tokens), [])
+        ratios = same_band if len(same_band) >= _MIN_LEARNED_SAMPLES else self._all
+        if len(ratios) < _MIN_LEARNED_SAMPLES:
+            return OutputLengthEstimate(max_tokens, 1, max_tokens, "max_tokens")
+
+        def quantile(q: float) -> int:
+            ratio = ratios[min(int(q * len(ratios)), len(ratios) - 1)]
+            return max(1, min(max_tokens, round(ratio * max_tokens)))
+
+        early = bisect.bisect_left(ratios, 1.0) / len(ratios)
+        return OutputLengthEstimate(quantile(0.5), quantile(0.1), quantile(0.9), "learned", early)
 
 
 @dataclass(frozen=True)
@@ -194,7 +211,7 @@ class ForecastLearner:
 
     def __init__(self, outcomes: list[ForecastOutcome]) -> None:
         self.outcomes = outcomes
-        self.output_history = [(o.output_tokens, o.max_tokens) for o in outcomes[:_OUTPUT_WINDOW]]
+        self.output_lengths = OutputLengths([(o.output_tokens, o.max_tokens) for o in outcomes[:_OUTPUT_WINDOW]])
         prompts = sum(o.prompt_tokens for o in outcomes)
         self.cached_share = min(0.95, sum(o.cached_tokens for o in outcomes) / prompts) if prompts > 0 else 0.0
         by_band: dict[tuple[int, int], list[float]] = {}
@@ -325,44 +342,47 @@ class RequestForecaster:
         self, batch: float, prompt_tokens: int, outputs: Sequence[int], scales: tuple[float, float], cached_share: float,
         step_token_budget: float | None = None,
     ) -> list[tuple[float, float]]:
-        """(energy J, seconds) of one request in a batch of ``batch`` (fractional: interpolated between
-        the whole batches around it), for each output length; all static batches in one call where the
-        predictor evaluates several at once (``static_batches``).
+        """(energy J, seconds) of one request in a batch of ``batch``, for each output length.
+
+        A predictor that evaluates several static batches at once (``static_batches``) prices them
+        all in one call, the fractional batch as is (its sums are linear in the batch); any other
+        prices whole batches, a fractional one interpolated between the two around it.
 
         With the engine's ``step_token_budget`` known, and a predictor whose attribution shares a step's
         fixed costs equally among the sequences it schedules (``static_batches_with_fixed``), a prompt longer
         than what a step leaves it (the budget less one token per other running request) runs in
         several prefill steps (chunked prefill), each with its share of a step's fixed cost: the
         static batch priced one."""
-        whole = max(1, int(batch))
-        fraction = batch - whole
-        sizes = (whole, whole + 1) if fraction > 1e-6 else (whole,)
-        shapes = [(size, prompt_tokens, output) for output in outputs for size in sizes]
-        extra_steps = 0
+        prefill_scale, decode_scale = scales
+        many = getattr(self.predictor, "static_batches", None)
+        if many is None:
+            whole = max(1, int(batch))
+            fraction = batch - whole
+            shares = []
+            for output in outputs:
+                around = [forecast_static_batch(self.predictor, size, prompt_tokens, output)
+                          for size in ((whole, whole + 1) if fraction > 1e-6 else (whole,))]  # fmt: skip
+                # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
+                values = [((f.prefill_j * (1.0 - cached_share) * prefill_scale + f.decode_j * decode_scale) / f.batch_size,
+                           f.seconds) for f in around]  # fmt: skip
+                energy_j, seconds = values[0]
+                if len(values) == 2:
+                    energy_j += (values[1][0] - energy_j) * fraction
+                    seconds += (values[1][1] - seconds) * fraction
+                shares.append((energy_j, seconds))
+            return shares
         with_fixed = getattr(self.predictor, "static_batches_with_fixed", None)
+        extra_steps = 0
         if with_fixed is not None and step_token_budget and math.isfinite(step_token_budget):
             chunk = max(1.0, step_token_budget - (batch - 1.0))  # the running requests decode a token each
             extra_steps = max(0, math.ceil(prompt_tokens * (1.0 - cached_share) / chunk - 1e-9) - 1)
-        many = with_fixed if extra_steps else getattr(self.predictor, "static_batches", None)
-        extra = [(0.0, 0.0)] * len(shapes)  # (seconds, J) of the prefill steps after the first
-        if many is not None:
-            results = many(shapes)
-            forecasts = [BatchForecast(b, p, o, pj, dj, ps, ds) for (b, p, o), (ps, pj, ds, dj, *_) in zip(shapes, results)]
-            if extra_steps:  # each such step: one step of the whole batch, its fixed costs shared equally
-                extra = [(extra_steps * result[4], extra_steps * result[5]) for result in results]
-        else:
-            forecasts = [forecast_static_batch(self.predictor, b, p, o) for b, p, o in shapes]
+        results = (with_fixed if extra_steps else many)([(batch, prompt_tokens, output) for output in outputs])
         shares = []
-        for index in range(0, len(forecasts), len(sizes)):
-            # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
-            values = [(((f.prefill_j * (1.0 - cached_share) + extra_j) * scales[0] + f.decode_j * scales[1]) / f.batch_size,
-                       f.seconds + extra_s)
-                      for f, (extra_s, extra_j) in zip(forecasts[index : index + len(sizes)], extra[index : index + len(sizes)])]  # fmt: skip
-            energy_j, seconds = values[0]
-            if len(values) == 2:
-                energy_j += (values[1][0] - energy_j) * fraction
-                seconds += (values[1][1] - seconds) * fraction
-            shares.append((energy_j, seconds))
+        for prefill_seconds, prefill_j, decode_seconds, decode_j, *fixed in results:
+            # Each prefill step after the first: one step of the whole batch, its fixed costs shared equally.
+            extra_seconds, extra_j = (extra_steps * fixed[0], extra_steps * fixed[1]) if extra_steps else (0.0, 0.0)
+            energy_j = ((prefill_j * (1.0 - cached_share) + extra_j) * prefill_scale + decode_j * decode_scale) / batch
+            shares.append((energy_j, prefill_seconds + decode_seconds + extra_seconds))
         return shares
 
     def forecast(
@@ -393,13 +413,18 @@ class RequestForecaster:
         """
         if prompt_tokens < 1 or max_tokens < 1 or parts < 1:
             raise ValueError("prompt_tokens, max_tokens and parts must each be at least 1")
-        history = learner.output_history if learner is not None else (recent_outputs or [])
-        outputs = estimate_output_tokens(max_tokens, history)
+        if learner is not None:
+            outputs = learner.output_lengths.estimate(max_tokens)
+        else:
+            outputs = estimate_output_tokens(max_tokens, recent_outputs or [])
         cached_share = learner.cached_share if learner is not None else 0.0
         batch = float(running_requests + parts)
         if mean_running_requests is not None and math.isfinite(mean_running_requests):
             batch = max(batch, float(mean_running_requests))
-        lengths = sorted({outputs.expected, outputs.low, outputs.high})
+        correction = learner.correction(max_tokens, batch) if learner is not None else None
+        # A learned correction's measured range already holds the output-length spread: the
+        # expected length alone is priced.
+        lengths = [outputs.expected] if correction is not None else sorted({outputs.expected, outputs.low, outputs.high})
         share_of = dict(zip(lengths, self._shares(batch, prompt_tokens, lengths, scales, cached_share, step_token_budget)))
         expected = share_of[outputs.expected]
         energy_j, seconds = expected
@@ -410,7 +435,6 @@ class RequestForecaster:
         def grams(share: tuple[float, float], factor: float) -> float:
             return parts * factor * (share[0] * grams_per_joule + share[1] * embodied_per_second)
 
-        correction = learner.correction(max_tokens, batch) if learner is not None else None
         if correction is not None:
             point, low_factor, high_factor = correction.ratio, correction.ratio_low, correction.ratio_high
             low = high = expected

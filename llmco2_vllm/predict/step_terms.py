@@ -76,6 +76,14 @@ def _keys_up_to(n: np.ndarray, window: float | None) -> np.ndarray:
     return np.where(n <= window, n * (n + 1) / 2, window * (window + 1) / 2 + window * (n - window))
 
 
+@functools.lru_cache(maxsize=8)
+def _trapezoid(samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` evenly spaced positions on [0, 1] and their trapezoid weights (summing to 1)."""
+    weights = np.ones(samples)
+    weights[[0, -1]] = 0.5
+    return np.linspace(0.0, 1.0, samples), weights / (samples - 1)
+
+
 class StepTerms:
     """Per-unit constants of one deployment (model, GPU, parallelism), computed once."""
 
@@ -243,15 +251,12 @@ class StepTerms:
         prefill = self.prefill_sums(batch, prompt_tokens)[:, None]
         if steps <= 0:
             return prefill, np.ones(1)
-        contexts = np.linspace(prompt_tokens, prompt_tokens + steps - 1, samples if steps > 1 else 1)
-        if len(contexts) == 1:
-            counts = np.array([float(steps)])
+        if steps == 1 or samples < 2:
+            contexts, counts = np.array([float(prompt_tokens)]), np.array([float(steps)])
         else:
-            spacing = np.diff(contexts)
-            counts = np.zeros(len(contexts))
-            counts[:-1] += spacing / 2
-            counts[1:] += spacing / 2
-            counts *= steps / (contexts[-1] - contexts[0])
+            positions, trapezoid = _trapezoid(samples)  # evenly spaced: the weights are fixed
+            contexts = prompt_tokens + positions * (steps - 1)
+            counts = trapezoid * steps
         return np.concatenate([prefill, self.decode_sums(batch, contexts)], axis=1), np.concatenate([[1.0], counts])
 
     def serving_sums(self, batch: float, prompt_tokens: float, output_tokens: float, running_age: float) -> np.ndarray:
