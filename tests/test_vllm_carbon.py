@@ -105,11 +105,14 @@ def carbon_server(tiny_model_dir, tmp_path_factory):
         "LLMCO2_ADMISSION_BUDGET_WINDOW_SECONDS": str(BUDGET_WINDOW_SECONDS),
         "LLMCO2_ADMISSION_DEFER_ABOVE_INTENSITY": "500",
         "LLMCO2_REQUEST_LOG": str(directory / "requests.jsonl"),
+        "LLMCO2_RUN_DIR": str(directory / "run"),
     }
+    (directory / "run").mkdir()
     log = directory / "serve.log"
     model_dir = with_word_tokenizer(tiny_model_dir, directory / "model")
     with LocalVllmServer(model_dir, [*SERVER_ARGS, "--no-skip-tokenizer-init"], env=env, log_path=log) as server:
-        yield {"server": server, "series": series, "forecaster": forecaster, "log": log, "small_high": small_high}
+        yield {"server": server, "series": series, "forecaster": forecaster, "log": log, "small_high": small_high,
+               "run_dir": directory / "run"}  # fmt: skip
 
 
 def test_estimate_matches_the_forecast_model_and_validates_input(carbon_server):
@@ -133,6 +136,22 @@ def test_estimate_matches_the_forecast_model_and_validates_input(carbon_server):
     ):
         status, _, error = http(server, "POST", "/v1/carbon/estimate", bad)
         assert status == 400 and message in error["error"]["message"], (bad, error)
+
+
+def test_engine_publishes_vllm_step_token_budget_for_chunked_prefill(carbon_server):
+    """Forecasts price a long prompt in the prefill steps vLLM chunks it into: the engine's own
+    --max-num-batched-tokens, not only the largest step seen (small requests never fill one)."""
+    from llmco2_vllm.serve.results_store import RequestResultStore
+
+    status, _, _ = complete(carbon_server["server"], SMALL)
+    assert status == 200
+    store = RequestResultStore.in_directory(carbon_server["run_dir"])
+    deadline = time.monotonic() + 30
+    while not store.engine_states() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (state,) = store.engine_states()
+    assert state["step_token_budget"] == int(SERVER_ARGS[1])
+    time.sleep(BUDGET_WINDOW_SECONDS + 1)  # this request's spend leaves the budget window
 
 
 def test_cap_rejects_big_request_and_leaves_others_alone(carbon_server):

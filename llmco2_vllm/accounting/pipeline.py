@@ -102,6 +102,7 @@ class EnginePipeline:
         calibrator: OnlineCalibrator | None = None,
         embodied: EmbodiedCarbon | None = None,
         store: RequestResultStore | None = None,
+        step_token_budget: int | None = None,
     ) -> None:
         self.settings = settings
         self.predictor = predictor
@@ -138,8 +139,10 @@ class EnginePipeline:
         self.upstream_dropped = 0  # steps the engine's recorder dropped before they reached this process
         self._evicted_seen = 0
         self.steps_processed = 0
-        # The most tokens one step scheduled: the engine's token budget once a step filled it (a
-        # chunked prompt does); forecasts price a longer prompt in several prefill steps.
+        # The engine's token budget per step (vLLM's max_num_batched_tokens with chunked prefill);
+        # unknown, the most tokens one step scheduled stands in (the budget once a chunked prompt
+        # filled a step). Forecasts price a longer prompt in several prefill steps.
+        self.step_token_budget = step_token_budget
         self.largest_step_tokens = 0
         self._increments = _PendingIncrements()
         self._next_publish = time.monotonic() + settings.flush_interval_seconds
@@ -481,7 +484,7 @@ class EnginePipeline:
                 {
                     "running_requests": len(self.ledger),
                     "mean_running_requests": sum(samples) / len(samples),
-                    "step_token_budget": self.largest_step_tokens or None,
+                    "step_token_budget": self.step_token_budget or self.largest_step_tokens or None,
                     "prefill_scale": prefill_scale,
                     "decode_scale": decode_scale,
                     "idle_watts": idle_watts,

@@ -55,6 +55,7 @@ class WorkerSpec:
     results_dir: str | None  # per-request results store (None without the carbon endpoints)
     remote_ranks: tuple[int, ...] = ()  # worker ranks on other nodes, which report their GPUs' energy
     rank_energy_address: str | None = None  # where they report to (ZeroMQ address)
+    step_token_budget: int | None = None  # the most tokens a step schedules (chunked prefill; None: unknown)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -66,6 +67,7 @@ class WorkerSpec:
                 "results_dir": self.results_dir,
                 "remote_ranks": list(self.remote_ranks),
                 "rank_energy_address": self.rank_energy_address,
+                "step_token_budget": self.step_token_budget,
             }
         )
 
@@ -80,6 +82,7 @@ class WorkerSpec:
             values["results_dir"],
             tuple(int(rank) for rank in values.get("remote_ranks", ())),
             values.get("rank_energy_address"),
+            values.get("step_token_budget"),
         )
 
 
@@ -142,6 +145,7 @@ def build_pipeline(spec: WorkerSpec, settings: Settings):
         calibrator=calibrator,
         embodied=settings.embodied(),
         store=RequestResultStore.in_directory(spec.results_dir) if spec.results_dir else None,
+        step_token_budget=spec.step_token_budget,
     )
     logger.info(
         "llmco2: accounting %s on %d x %s (%s), predictor %s, grid intensity %s",

@@ -161,10 +161,20 @@ def start_accounting(vllm_config: Any):
         results_dir=run_dir if run_dir and endpoints_enabled() else None,
         remote_ranks=placement.remote_ranks,
         rank_energy_address=placement.rank_energy_address,
+        step_token_budget=_step_token_budget(vllm_config),
     )
     forwarder = StepForwarder(spec, settings)
     _forwarders.append(forwarder)
     return forwarder
+
+
+def _step_token_budget(vllm_config: Any) -> int | None:
+    """vLLM's token budget per step where it chunks prompts to fit it, else None."""
+    scheduler = getattr(vllm_config, "scheduler_config", None)
+    budget = getattr(scheduler, "max_num_batched_tokens", None)
+    if not getattr(scheduler, "enable_chunked_prefill", False) or not isinstance(budget, int) or budget <= 0:
+        return None
+    return budget
 
 
 def engine_forwarders() -> list[Any]:
