@@ -94,7 +94,8 @@ def run_workload(server: LocalVllmServer, jobs: list[dict], clients: int) -> lis
             "forecast_energy_j": forecast["energy_j"], "low_j": forecast["energy_j_low"], "high_j": forecast["energy_j_high"],
             "actual_energy_j": actual["calibrated_energy_j"], "raw_energy_j": forecast["raw_energy_j"],
             "correction_samples": forecast["correction_samples"],
-            "forecast_output_tokens": forecast["output_tokens"], "concurrent_requests": forecast["concurrent_requests"],
+            "forecast_output_tokens": forecast["output_tokens"], "output_tokens_source": forecast["output_tokens_source"],
+            "concurrent_requests": forecast["concurrent_requests"],
         })  # fmt: skip
     return rows
 
@@ -197,14 +198,15 @@ def forecast_latency(model_dir: Path, outcomes_from: list[dict], predictor_name:
                                 "tiny-llama", 1024)  # fmt: skip
         learner = ForecastLearner([
             ForecastOutcome(r["max_tokens"], r["output_tokens"], r["prompt_tokens"], r["cached_tokens"],
-                            r["raw_energy_j"], r["forecast_energy_j"], r["low_j"], r["high_j"], r["actual_energy_j"], r["concurrent_requests"])
+                            r["raw_energy_j"], r["forecast_energy_j"], r["low_j"], r["high_j"], r["actual_energy_j"], r["concurrent_requests"],
+                            r["output_tokens_source"] == "runs_to_max_tokens")
             for r in outcomes_from
         ])  # fmt: skip
         service._learned = (float("inf"), learner)  # what the server had learned; no store read while timing
         service._engine_state = (float("inf"), {"running_requests": 7, "mean_running_requests": 7.6, "step_token_budget": 128,
                                                "prefill_scale": 1.0, "decode_scale": 1.0, "calibrated_error": None})  # fmt: skip
         rng = random.Random(5)
-        shapes = [RequestShape(rng.randint(8, 400), rng.randint(8, 160), 1, False) for _ in range(2000)]
+        shapes = [RequestShape(rng.randint(8, 400), rng.randint(8, 160), 1, False, rng.random() < 0.5) for _ in range(2000)]
         timings = []
         for shape in shapes * 3:
             begin = time.perf_counter()

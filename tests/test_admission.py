@@ -272,6 +272,35 @@ def test_service_learns_from_finished_requests_in_a_real_store(tmp_path):
     assert 0.5 < REGISTRY.get_sample_value("llmco2_forecast_interval_coverage_ratio", labels) <= 1.0
 
 
+def test_requests_that_ignore_eos_run_to_max_tokens_and_teach_nothing_about_stopping(tmp_path):
+    shape = request_shape({"prompt_tokens": 10, "max_tokens": 50, "ignore_eos": True}, False, None, 256)
+    assert shape.runs_to_max_tokens
+    for body in ({"ignore_eos": True, "stop": ["\n"]}, {"ignore_eos": True, "stop_token_ids": [7]}, {"min_tokens": 10}, {}):
+        assert not request_shape({"prompt_tokens": 10, "max_tokens": 50, **body}, False, None, 256).runs_to_max_tokens
+    assert request_shape({"prompt_tokens": 10, "max_tokens": 50, "min_tokens": 50}, False, None, 256).runs_to_max_tokens
+
+    def outcome(output: int, ratio: float, ignored_eos: bool) -> ForecastOutcome:
+        return ForecastOutcome(200, output, 100, 0, 10.0, 10.0, 10.0, 10.0, 10.0 * ratio, 4.0, ignored_eos)
+
+    # Requests that stopped at about a quarter of max_tokens (corrected 1.5x) beside benchmark-style
+    # ones that ignored EOS (always 200 tokens, corrected 0.8x).
+    learner = ForecastLearner([outcome(50, 1.5, False) for _ in range(30)] + [outcome(200, 0.8, True) for _ in range(30)])
+    forecaster = _forecaster()
+    could_stop = forecaster.forecast(500, 200, 400.0, running_requests=3, learner=learner)
+    assert (could_stop.output_tokens.source, could_stop.output_tokens.expected) == ("learned", 50)
+    assert could_stop.correction.ratio == pytest.approx(1.5)
+    known = forecaster.forecast(500, 200, 400.0, running_requests=3, learner=learner, runs_to_max_tokens=True)
+    assert (known.output_tokens.source, known.output_tokens.expected) == ("runs_to_max_tokens", 200)
+    assert known.correction.ratio == pytest.approx(0.8) and "ignoring EOS" in known.correction.band
+    assert known.raw_energy_j > 2 * could_stop.raw_energy_j
+    store = RequestResultStore.in_directory(tmp_path)  # the kind survives the store, which the learner reads
+    for request_id, forecast in (("cmpl-known", known), ("cmpl-guessed", could_stop)):
+        store.record_forecast(request_id, forecast.to_json(), forecast.grams_co2e, 1, now=1000.0)
+        store.record_actuals([FinishedRequest(f"{request_id}-0-1a2b3c4d", 500, 0, 199, 200, 1.0, 1.0, 1.0, 1.0,
+                                              operational_grams=1e-4, embodied_grams=0.0, finished_at=1001.0)])  # fmt: skip
+    assert {o.energy_j: o.runs_to_max_tokens for o in store.recent_outcomes()} == {known.energy_j: True, could_stop.energy_j: False}
+
+
 # -- admission under abuse -------------------------------------------------------------------------
 class SwitchableIntensity:
     """A grid that turns clean when the test says so."""
@@ -396,3 +425,42 @@ def test_middleware_bounds_the_body_it_buffers(tmp_path):
     assert b"x-llmco2-forecast-energy-j" not in headers(sent)  # passed on unforecast
     assert received == [small, big]  # the whole body reached vLLM, streamed on past the bound
     assert REGISTRY.get_sample_value("llmco2_admission_unforecast_requests_total", labels) - too_large_before == 1
+
+
+def test_requests_arriving_together_are_forecast_in_one_batch(tmp_path):
+    service = CarbonService(Settings(), _forecaster(), RequestResultStore.in_directory(tmp_path), _static(400.0), "llama", 4096)
+    inside: list[int] = []
+    all_inside = asyncio.Event()
+
+    async def vllm_app(scope, receive, send) -> None:
+        inside.append(service._in_flight)
+        if len(inside) == 4:
+            all_inside.set()
+        await asyncio.wait_for(all_inside.wait(), 10)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = AdmissionMiddleware(vllm_app)
+    app = types.SimpleNamespace(state=types.SimpleNamespace(llmco2=service))
+    body = json.dumps({"prompt_tokens": 100, "max_tokens": 8}).encode()
+
+    async def post(index: int) -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            pass
+
+        headers = [(b"x-request-id", f"together-{index}".encode())]
+        await middleware({"type": "http", "path": "/v1/completions", "method": "POST", "headers": headers, "app": app}, receive, send)
+
+    async def together() -> None:
+        service.request_arrived()  # one more request arrived and is being forecast
+        await asyncio.gather(*(post(index) for index in range(4)))
+        service.request_finished()
+
+    asyncio.run(together())
+    assert max(inside) == 5 and service._in_flight == 0  # every response ended: none left counted
+    # Each saw the one arriving beside it: none was priced as if it ran alone.
+    batches = [service.store.get(f"cmpl-together-{index}")["forecast"]["concurrent_requests"] for index in range(4)]
+    assert min(batches) >= 2.0

@@ -105,6 +105,17 @@ class AdmissionMiddleware:
             await send(end)
             return
 
+        # The request counts in the batch others are forecast in from now until its response ends
+        # (requests arriving together see each other), except while it waits deferred.
+        service.request_arrived()
+        try:
+            await self._forecast_admit_and_run(service, scope, replay, send, body_bytes, path, request_id, wait_seconds)
+        finally:
+            service.request_finished()
+
+    async def _forecast_admit_and_run(
+        self, service: CarbonService, scope, replay, send, body_bytes: bytes, path: str, request_id: str, wait_seconds: float
+    ) -> None:
         extra_headers: list[tuple[bytes, bytes]] = [(b"x-llmco2-request-id", request_id.encode())]
         try:
             shape, forecast = await service.shape_and_forecast(json.loads(body_bytes), path == CHAT_PATH)
@@ -145,11 +156,7 @@ class AdmissionMiddleware:
             (b"x-llmco2-forecast-grams-co2e", f"{forecast.grams_co2e:.6g}".encode()),
             (b"x-llmco2-admission", f"{decision.decision}; policy={decision.policy}".encode()),
         ]
-        service.request_started()
-        try:
-            await self.app(scope, replay, _with_headers(send, extra_headers))
-        finally:
-            service.request_finished()
+        await self.app(scope, replay, _with_headers(send, extra_headers))
 
     async def _fail(self, fail_closed: bool, scope, replay, send, extra_headers) -> None:
         if fail_closed:

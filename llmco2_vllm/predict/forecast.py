@@ -128,7 +128,9 @@ class OutputLengthEstimate:
     expected: int
     low: int
     high: int
-    source: str  # "max_tokens" (no history yet: the upper bound) or "learned" (recent requests)
+    # "max_tokens" (no history yet: the upper bound), "learned" (recent requests) or "runs_to_max_tokens"
+    # (the request ignores EOS: its length is known)
+    source: str
     stopped_early_share: float | None = None  # learned share of requests that stopped before max_tokens (EOS, stop)
 
 
@@ -186,6 +188,7 @@ class ForecastOutcome:
     energy_j_high: float
     actual_energy_j: float  # calibrated, attributed to this request by the engine
     concurrent_requests: float = 0.0  # the batch the forecast priced it in (0: unknown)
+    runs_to_max_tokens: bool = False  # its output length was known (ignore_eos): says nothing of where requests stop
 
 
 @dataclass(frozen=True)
@@ -211,24 +214,27 @@ class ForecastLearner:
 
     def __init__(self, outcomes: list[ForecastOutcome]) -> None:
         self.outcomes = outcomes
-        self.output_lengths = OutputLengths([(o.output_tokens, o.max_tokens) for o in outcomes[:_OUTPUT_WINDOW]])
+        # Where requests stop is learned from those that could stop; those that ignored EOS ran to their limit.
+        could_stop = [o for o in outcomes if not o.runs_to_max_tokens][:_OUTPUT_WINDOW]
+        self.output_lengths = OutputLengths([(o.output_tokens, o.max_tokens) for o in could_stop])
         prompts = sum(o.prompt_tokens for o in outcomes)
         self.cached_share = min(0.95, sum(o.cached_tokens for o in outcomes) / prompts) if prompts > 0 else 0.0
-        by_band: dict[tuple[int, int], list[float]] = {}
-        by_batch: dict[int, list[float]] = {}
+        # Forecasts of a known output length (ignore_eos) and of a guessed one err differently: each
+        # kind is corrected by its own outcomes.
+        by_band: dict[tuple[int, int, bool], list[float]] = {}
+        by_batch: dict[tuple[int, bool], list[float]] = {}
         every: list[float] = []
         for outcome in outcomes:
             if outcome.raw_energy_j and outcome.raw_energy_j > 0 and outcome.actual_energy_j > 0:
                 ratio = outcome.actual_energy_j / outcome.raw_energy_j
-                batch = batch_band(outcome.concurrent_requests)
-                for ratios in (every, by_batch.setdefault(batch, []), by_band.setdefault((length_band(outcome.max_tokens), batch), [])):
+                batch, known = batch_band(outcome.concurrent_requests), outcome.runs_to_max_tokens
+                for ratios in (every, by_batch.setdefault((batch, known), []),
+                               by_band.setdefault((length_band(outcome.max_tokens), batch, known), [])):  # fmt: skip
                     if len(ratios) < _OUTCOME_WINDOW:
                         ratios.append(ratio)
         self._all = self._correction(every, "all")
-        self._batches = {band: self._correction(ratios, f"batch band {band}") for band, ratios in by_batch.items()}
-        self._bands = {
-            band: self._correction(ratios, f"length band {band[0]}, batch band {band[1]}") for band, ratios in by_band.items()
-        }
+        self._batches = {band: self._correction(ratios, _band_name(None, *band)) for band, ratios in by_batch.items()}
+        self._bands = {band: self._correction(ratios, _band_name(*band)) for band, ratios in by_band.items()}
         scored = [o for o in outcomes[:_OUTCOME_WINDOW] if o.actual_energy_j > 0 and o.energy_j > 0]
         errors = sorted(abs(o.energy_j / o.actual_energy_j - 1.0) for o in scored)
         self.error_ratio = _quantile(errors, 0.5) if errors else None
@@ -246,13 +252,22 @@ class ForecastLearner:
             _quantile(ordered, 0.5), _quantile(ordered, low), _quantile(ordered, high), len(ordered), band
         )
 
-    def correction(self, max_tokens: int, concurrent_requests: float | None = None) -> ForecastCorrection | None:
-        """The correction of outcomes forecast for about this length and batch when there are enough of them,
-        else of this batch at any length; None (the prior) when there are too few. Without a batch: any batch."""
+    def correction(
+        self, max_tokens: int, concurrent_requests: float | None = None, runs_to_max_tokens: bool = False
+    ) -> ForecastCorrection | None:
+        """The correction of outcomes forecast for about this length and batch (and output length known
+        or not) when there are enough of them, else of this batch at any length; None (the prior) when
+        there are too few. Without a batch: of all outcomes."""
         if concurrent_requests is None:
             return self._all
         batch = batch_band(concurrent_requests)
-        return self._bands.get((length_band(max_tokens), batch)) or self._batches.get(batch)
+        band = self._bands.get((length_band(max_tokens), batch, runs_to_max_tokens))
+        return band or self._batches.get((batch, runs_to_max_tokens))
+
+
+def _band_name(length: int | None, batch: int, runs_to_max_tokens: bool) -> str:
+    name = f"batch band {batch}" if length is None else f"length band {length}, batch band {batch}"
+    return name + (", ignoring EOS" if runs_to_max_tokens else "")
 
 
 @dataclass(frozen=True)
@@ -398,8 +413,11 @@ class RequestForecaster:
         mean_running_requests: float | None = None,
         learner: ForecastLearner | None = None,
         step_token_budget: float | None = None,
+        runs_to_max_tokens: bool = False,
     ) -> RequestForecast:
-        """``relative_error``: the calibrated model's measured error ratio; None = not calibrated yet.
+        """``runs_to_max_tokens``: the request ignores EOS, so it generates ``max_tokens`` tokens.
+
+        ``relative_error``: the calibrated model's measured error ratio; None = not calibrated yet.
 
         ``step_token_budget``: the most tokens the engine schedules in one step (None: unknown, a
         prompt is priced as one prefill step).
@@ -413,7 +431,9 @@ class RequestForecaster:
         """
         if prompt_tokens < 1 or max_tokens < 1 or parts < 1:
             raise ValueError("prompt_tokens, max_tokens and parts must each be at least 1")
-        if learner is not None:
+        if runs_to_max_tokens:
+            outputs = OutputLengthEstimate(max_tokens, max_tokens, max_tokens, "runs_to_max_tokens", 0.0)
+        elif learner is not None:
             outputs = learner.output_lengths.estimate(max_tokens)
         else:
             outputs = estimate_output_tokens(max_tokens, recent_outputs or [])
@@ -421,7 +441,7 @@ class RequestForecaster:
         batch = float(running_requests + parts)
         if mean_running_requests is not None and math.isfinite(mean_running_requests):
             batch = max(batch, float(mean_running_requests))
-        correction = learner.correction(max_tokens, batch) if learner is not None else None
+        correction = learner.correction(max_tokens, batch, runs_to_max_tokens) if learner is not None else None
         # A learned correction's measured range already holds the output-length spread: the
         # expected length alone is priced.
         lengths = [outputs.expected] if correction is not None else sorted({outputs.expected, outputs.low, outputs.high})

@@ -126,7 +126,7 @@ class CarbonService:
         self._spent: tuple[float, float] = (-math.inf, 0.0)  # (read at, grams) from the store
         self._spent_since_read = 0.0  # admitted here after that read
         self._logged_error = False
-        self._in_flight = 0  # admitted here, response not yet complete: the batch a new request joins
+        self._in_flight = 0  # arrived here, not waiting deferred, response not complete: the batch a new request joins
 
     # -- public API (the transport's) -------------------------------------------------------------
     def deferral_seconds(self, header: str | None) -> float:
@@ -139,7 +139,7 @@ class CarbonService:
 
     async def estimate(self, body: Any) -> dict[str, Any]:
         """``POST /v1/carbon/estimate``: a forecast and what admission would decide now, without running."""
-        shape, forecast = await self._run(self._shape_and_forecast, body, False)
+        shape, forecast = await self._run(self._shape_and_forecast, body, False, False)
         now = await self._run(self._decide, forecast.grams_co2e, False)
         deferrable = await self._run(self._decide, forecast.grams_co2e, True)
         return {
@@ -178,11 +178,13 @@ class CarbonService:
                 self.metrics.decision(DEFERRED, deferred_by)
                 self.metrics.waiting.inc()
                 ticket = line.join()
+                self._in_flight -= 1  # waiting, it shares no batch
                 try:
                     decision, released_by = await self._wait_in_line(ticket, grams, deadline)
                 finally:
                     line.leave(ticket)
                     self.metrics.waiting.dec()
+                    self._in_flight += 1
         waited = self.clock() - started
         if decision.decision == ADMITTED and deferred_by is not None:
             self.metrics.released.labels(model_name=self.model_name, reason=released_by).inc()
@@ -223,8 +225,8 @@ class CarbonService:
                 pause = _DEFER_POLL_SECONDS
             await asyncio.sleep(max(0.01, min(pause, deadline - self.clock())))
 
-    def request_started(self) -> None:
-        """An admitted request went to vLLM (the transport calls ``request_finished`` when its response ends)."""
+    def request_arrived(self) -> None:
+        """A request reached the server (the transport calls ``request_finished`` when its response ends)."""
         self._in_flight += 1
 
     def request_finished(self) -> None:
@@ -305,7 +307,8 @@ class CarbonService:
             self.metrics.set_forecast_quality(learner.error_ratio, learner.interval_coverage, learner.scored_requests)
         return learner
 
-    def _forecast_shape(self, shape: RequestShape) -> RequestForecast:
+    def _forecast_shape(self, shape: RequestShape, arrived: bool = True) -> RequestForecast:
+        """``arrived``: the request is one of this server's requests in flight (an estimate is not)."""
         engine = self._engine()
         error = engine.get("calibrated_error")
         return self.forecaster.forecast(
@@ -317,17 +320,18 @@ class CarbonService:
             # second, all servers' requests) may still hold requests that finished since, and a
             # request arriving as another finishes takes its place (closed-loop clients): a lower
             # bound on the batch, like its recent mean, not more requests besides this one.
-            running_requests=self._in_flight,
+            running_requests=max(0, self._in_flight - arrived),
             scales=(engine["prefill_scale"], engine["decode_scale"]),
             relative_error=error if isinstance(error, (int, float)) and math.isfinite(error) else None,
             mean_running_requests=max(engine["mean_running_requests"] or 0.0, float(engine["running_requests"])) or None,
             learner=self._learner(),
             step_token_budget=engine.get("step_token_budget"),
+            runs_to_max_tokens=shape.runs_to_max_tokens,
         )
 
-    def _shape_and_forecast(self, body: Any, chat: bool) -> tuple[RequestShape, RequestForecast]:
+    def _shape_and_forecast(self, body: Any, chat: bool, arrived: bool = True) -> tuple[RequestShape, RequestForecast]:
         shape = request_shape(body, chat, self.tokenizer, self.max_model_len)
-        return shape, self._forecast_shape(shape)
+        return shape, self._forecast_shape(shape, arrived)
 
     def _budget_view(self) -> tuple[float, float | None]:
         """(grams spent in the window, age of its oldest spend) — store read at most once a second."""

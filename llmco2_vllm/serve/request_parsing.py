@@ -26,6 +26,7 @@ class RequestShape:
     max_tokens: int
     parts: int  # prompts x n
     prompt_tokens_estimated: bool  # counted from characters: no tokenizer on this server
+    runs_to_max_tokens: bool = False  # ignore_eos without stop strings (or min_tokens >= max_tokens): the length is known
 
 
 def _count_text_tokens(text: str, tokenizer: Any) -> tuple[int, bool]:
@@ -49,7 +50,9 @@ def request_shape(body: Any, chat: bool, tokenizer: Any, max_model_len: int) -> 
     """Prompt tokens, output limit and fan-out of an OpenAI completions/chat body, or of an estimate body.
 
     Accepts ``prompt`` (text, token ids, or a list of either), ``messages`` (chat), or
-    ``prompt_tokens`` (a count); ``max_tokens`` (or ``max_completion_tokens``) and ``n``.
+    ``prompt_tokens`` (a count); ``max_tokens`` (or ``max_completion_tokens``) and ``n``; and whether
+    the request runs to ``max_tokens`` whatever it generates (vLLM's ``ignore_eos`` without ``stop``
+    or ``stop_token_ids``, or ``min_tokens`` at least ``max_tokens``).
     """
     if not isinstance(body, dict):
         raise RequestShapeError("the body must be a JSON object")
@@ -106,7 +109,11 @@ def request_shape(body: Any, chat: bool, tokenizer: Any, max_model_len: int) -> 
         raise RequestShapeError(
             f"prompt_tokens + max_tokens = {prompt_tokens + max_tokens} exceeds the model's context of {max_model_len} tokens"
         )
-    return RequestShape(prompt_tokens, max_tokens, n * len(counts), estimated)
+    min_tokens = body.get("min_tokens")
+    runs_to_max_tokens = (body.get("ignore_eos") is True and not body.get("stop") and not body.get("stop_token_ids")) or (
+        isinstance(min_tokens, int) and not isinstance(min_tokens, bool) and min_tokens >= max_tokens
+    )
+    return RequestShape(prompt_tokens, max_tokens, n * len(counts), estimated, runs_to_max_tokens)
 
 
 __all__ = ["MAX_TOKEN_COUNT", "RequestShape", "RequestShapeError", "request_shape"]
