@@ -122,3 +122,35 @@ def test_a_missing_rank_keeps_windows_from_being_learned_and_restarts_never_go_b
     reports[1] = (30.0, reports[1][1])  # silent for 30 s
     meter.gpu_totals()
     assert meter.errors["rank_missing"] == 2
+
+
+def test_rank_not_yet_started_is_counted_but_warned_about_only_after_the_grace_period(caplog):
+    from llmco2_vllm.measure.rank_energy import STARTUP_GRACE_SECONDS
+
+    clock = [0.0]
+    receiver = SimpleNamespace(expected_ranks=(1,), rejected=0, reports=lambda: reports, close=lambda: None)
+    local = SimpleNamespace(available=True, reason="", devices=[], errors={}, gpu_totals=lambda: (), close=lambda: None)
+    reports: dict = {}
+    meter = NodesEnergyMeter(local, receiver, clock=lambda: clock[0])
+    with caplog.at_level("WARNING", logger="llmco2_vllm.measure.rank_energy"):
+        meter.gpu_totals()
+        clock[0] = STARTUP_GRACE_SECONDS / 2
+        meter.gpu_totals()
+        assert meter.errors["rank_missing"] == 2 and "rank 1" not in caplog.text  # loading: counted, not warned
+        clock[0] = STARTUP_GRACE_SECONDS + 1
+        meter.gpu_totals()
+        meter.gpu_totals()
+    assert caplog.text.count("rank 1 has not reported") == 1  # then once
+
+
+def test_remote_incident_count_never_goes_backwards_when_a_worker_restarts():
+    receiver = SimpleNamespace(expected_ranks=(1,), rejected=0, reports=lambda: reports, close=lambda: None)
+    local = SimpleNamespace(available=True, reason="", devices=[], errors={}, gpu_totals=lambda: (), close=lambda: None)
+    gpu = GpuTotal(0, "GPU-b0", "H100", 1.0)
+    reports = {1: (0.5, RankReport(1, "b", (gpu,), 3, True, ""))}
+    meter = NodesEnergyMeter(local, receiver)
+    meter.gpu_totals()
+    assert meter.errors["remote_incident"] == 3
+    reports[1] = (0.5, RankReport(1, "b", (gpu,), 1, True, ""))  # restarted, one new incident
+    meter.gpu_totals()
+    assert meter.errors["remote_incident"] == 4

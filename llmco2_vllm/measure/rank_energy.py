@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_INTERVAL_SECONDS = 1.0
 # A rank whose last report is older than this is missing: a window that closes then is not learned from.
+STARTUP_GRACE_SECONDS = 120.0  # a remote rank not heard from yet is only warned about after this (model loading)
 STALE_AFTER_SECONDS = 5 * REPORT_INTERVAL_SECONDS
 _MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -214,14 +215,23 @@ class NodesEnergyMeter:
     not learned from.
     """
 
-    def __init__(self, local: EnergyMeter, receiver: RankEnergyReceiver, stale_after_seconds: float = STALE_AFTER_SECONDS) -> None:
+    def __init__(
+        self,
+        local: EnergyMeter,
+        receiver: RankEnergyReceiver,
+        stale_after_seconds: float = STALE_AFTER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.local = local
         self.receiver = receiver
         self.available = local.available
         self._stale_after_seconds = stale_after_seconds
+        self._clock = clock
+        self._started = clock()
         # Per (rank, uuid): the last report and the energy of earlier runs of that worker (restarts).
         self._remote: dict[tuple[int, str], tuple[GpuTotal, float]] = {}
-        self._remote_incidents: dict[int, int] = {}
+        # Per rank: the incidents of its last report and of earlier runs of that worker.
+        self._remote_incidents: dict[int, tuple[int, int]] = {}
         self._missing_reads = 0
         self._logged_missing: set[int] = set()
         self._lock = threading.Lock()
@@ -231,7 +241,7 @@ class NodesEnergyMeter:
         with self._lock:
             return {
                 **self.local.errors,
-                "remote_incident": sum(self._remote_incidents.values()),
+                "remote_incident": sum(last + earlier for last, earlier in self._remote_incidents.values()),
                 "rank_missing": self._missing_reads,
                 "rejected_report": self.receiver.rejected,
             }
@@ -244,7 +254,9 @@ class NodesEnergyMeter:
                 age, report = reports.get(rank, (math.inf, None))
                 if report is None or age > self._stale_after_seconds or not report.available:
                     self._missing_reads += 1
-                    if rank not in self._logged_missing:
+                    # Workers on other nodes start after the engine: no warning while they may still be loading.
+                    starting = report is None and self._clock() - self._started < STARTUP_GRACE_SECONDS
+                    if rank not in self._logged_missing and not starting:
                         self._logged_missing.add(rank)
                         why = "has not reported" if report is None else (
                             f"last reported {age:.0f} s ago" if report.available else f"cannot meter: {report.reason}"
@@ -252,7 +264,10 @@ class NodesEnergyMeter:
                         logger.warning("llmco2: GPU energy of rank %d %s; its windows are not learned from", rank, why)
                 if report is None:
                     continue
-                self._remote_incidents[rank] = report.incidents
+                last, earlier = self._remote_incidents.get(rank, (0, 0))
+                if report.incidents < last:
+                    earlier += last  # the worker restarted: its count starts from zero again
+                self._remote_incidents[rank] = (report.incidents, earlier)
                 for gpu in report.gpus:
                     key = (rank, gpu.uuid)
                     last, offset_j = self._remote.get(key, (None, 0.0))
