@@ -43,6 +43,15 @@ def test_assigned_physical_gpus_map_through_cuda_visible_devices(monkeypatch):
     assert placement.gpu_indices == (2, 3)
 
 
+def test_assigned_physical_gpus_of_one_engine_only():
+    # vLLM gives each data-parallel engine only its shard of GPUs for Ray and device-isolating platforms.
+    placement = engine_placement(_parallel(tensor_parallel_size=2, data_parallel_index=1, data_parallel_rank_local=1,
+                                           assigned_physical_gpu_ids=[2, 3]), 1)  # fmt: skip
+    assert placement.gpu_indices == (2, 3)
+    whole_node = _parallel(data_parallel_index=1, data_parallel_rank_local=1, assigned_physical_gpu_ids=[5, 4])  # --device-ids
+    assert engine_placement(whole_node, 1).gpu_indices == (4,)
+
+
 def test_engine_across_nodes_meters_its_node_and_expects_the_others():
     parallel = _parallel(tensor_parallel_size=8, pipeline_parallel_size=2, nnodes_within_dp=2, data_parallel_index=1)
     placement = engine_placement(parallel, 29620)

@@ -117,9 +117,9 @@ class LocalVllmServer:
         self.stop()
 
     # -- client helpers --------------------------------------------------------------------------
-    def post(self, path: str, body: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    def post(self, path: str, body: dict[str, Any], timeout: float = 120.0, headers: dict[str, str] | None = None) -> dict[str, Any]:
         request = urllib.request.Request(
-            self.base_url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            self.base_url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **(headers or {})}
         )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())

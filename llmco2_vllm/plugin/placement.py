@@ -22,7 +22,8 @@ def engine_placement(parallel: Any, rank_energy_port: int) -> EnginePlacement:
 
     Worker ``local_rank`` r of local data-parallel rank d uses logical GPU ``d x world + r`` when the
     engine fits one node (the multiprocessing executor), else ``r``; a logical GPU is an index into
-    ``assigned_physical_gpu_ids`` where vLLM set them, else a CUDA ordinal. Across nodes (``--nnodes``),
+    ``assigned_physical_gpu_ids`` where vLLM set them (all the node's, or only this engine's shard),
+    else a CUDA ordinal. Across nodes (``--nnodes``),
     this node holds ranks ``0 .. world / nodes - 1``; the others report their own energy.
     """
     # vLLM resets data_parallel_rank to 0 in each engine of a dense model (independent replicas) and
@@ -40,6 +41,10 @@ def engine_placement(parallel: Any, rank_energy_port: int) -> EnginePlacement:
     logical = range(start, start + local_world)
     assigned = getattr(parallel, "assigned_physical_gpu_ids", None)
     if assigned:
+        if start + local_world > len(assigned):
+            # Only this data-parallel rank's shard (vLLM shards the list per engine for Ray and for
+            # platforms that isolate devices by environment): its first GPU is the engine's first.
+            logical = range(local_world)
         visible = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
         physical = [int(assigned[i]) for i in logical if i < len(assigned)]
         ordinals = tuple(visible.index(str(p)) if str(p) in visible else p for p in physical) if visible else tuple(physical)
