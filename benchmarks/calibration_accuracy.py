@@ -152,8 +152,8 @@ def main() -> int:
         "",
         *_table(fleets, "GPU"),
         "",
-        "The online learner in the plugin (step times and NVML windows, issue 14 item 4) is not built yet: "
-        "these are offline numbers, the ones `llmco2 calibrate` gives.",
+        "These are offline numbers, the ones `llmco2 calibrate` gives; the plugin's online learner (step times "
+        "and NVML windows) is measured in `online_calibration.md`.",
         "",
     ]
     RESULTS.mkdir(exist_ok=True)

@@ -464,3 +464,20 @@ def test_requests_arriving_together_are_forecast_in_one_batch(tmp_path):
     # Each saw the one arriving beside it: none was priced as if it ran alone.
     batches = [service.store.get(f"cmpl-together-{index}")["forecast"]["concurrent_requests"] for index in range(4)]
     assert min(batches) >= 2.0
+
+
+def test_forecast_batch_follows_the_engine_but_forgets_load_that_has_gone(tmp_path):
+    service = CarbonService(Settings(), _forecaster(), RequestResultStore.in_directory(tmp_path), _static(400.0), "llama", 4096)
+
+    def batch(mean: float | None, running: int, in_flight: int = 0) -> float:
+        service._in_flight = in_flight
+        service._engine_state = (float("inf"), {"running_requests": running, "mean_running_requests": mean,
+                                                "prefill_scale": 1.0, "decode_scale": 1.0})  # fmt: skip
+        return asyncio.run(service.shape_and_forecast({"prompt_tokens": 100, "max_tokens": 8}, chat=False))[1].concurrent_requests
+
+    assert batch(7.6, 7) == pytest.approx(7.6)  # steady load: the recent mean
+    assert batch(7.6, 0) == 1.0  # the busy phase is over: the engine runs nothing now
+    assert batch(7.6, 2) == 3.0
+    assert batch(3.0, 9) == 9.0  # load rising: what runs now
+    assert batch(7.6, 0, in_flight=5) == 5.0  # this server's requests arriving together (itself among them)
+    assert batch(None, 0) == 1.0

@@ -283,8 +283,8 @@ class CarbonService:
         if now - read_at > _ENGINE_STATE_MAX_AGE_SECONDS:
             engines = self.store.engine_states()
             state = {
-                "running_requests": sum(int(e.get("running_requests", 0)) for e in engines),
-                # Engines share the load: a request lands in one of them (data parallel), so their mean.
+                # Engines share the load: a request lands in one of them (data parallel), so per engine.
+                "running_requests": sum(int(e.get("running_requests", 0)) for e in engines) / len(engines) if engines else 0,
                 "mean_running_requests": (
                     sum(float(e.get("mean_running_requests", e.get("running_requests", 0))) for e in engines) / len(engines)
                     if engines else None
@@ -323,11 +323,21 @@ class CarbonService:
             running_requests=max(0, self._in_flight - arrived),
             scales=(engine["prefill_scale"], engine["decode_scale"]),
             relative_error=error if isinstance(error, (int, float)) and math.isfinite(error) else None,
-            mean_running_requests=max(engine["mean_running_requests"] or 0.0, float(engine["running_requests"])) or None,
+            mean_running_requests=self._recent_batch(engine, shape.parts),
             learner=self._learner(),
             step_token_budget=engine.get("step_token_budget"),
             runs_to_max_tokens=shape.runs_to_max_tokens,
         )
+
+    @staticmethod
+    def _recent_batch(engine: dict[str, Any], parts: int) -> float | None:
+        """The engine's recent mean running batch, but at most what runs now plus this request (the
+        mean remembers load that has gone: after a busier phase, or idle time it does not sample),
+        and at least what runs now (load that is rising)."""
+        mean, now = engine["mean_running_requests"], float(engine["running_requests"])
+        if mean is None:
+            return now or None
+        return max(now, min(float(mean), now + parts)) or None
 
     def _shape_and_forecast(self, body: Any, chat: bool, arrived: bool = True) -> tuple[RequestShape, RequestForecast]:
         shape = request_shape(body, chat, self.tokenizer, self.max_model_len)
