@@ -226,6 +226,9 @@ def test_learner_measures_error_and_coverage_and_bands_by_max_tokens():
     assert learner.error_ratio == pytest.approx(0.75)  # |1/2 - 1| and |2 - 1|: median of 0.5s and 1s
     assert learner.interval_coverage == pytest.approx(0.5)
     assert ForecastLearner(short[:5]).correction(16, 1.0) is None  # too few outcomes: the prior stays
+    # Few outcomes: the conformal range reaches their extremes (a new one is inside with probability 15/17).
+    few = ForecastLearner([_outcome(16, 16, 1.0, r) for r in np.linspace(1.0, 2.0, 16)]).correction(16, 1.0)
+    assert (few.ratio_low, few.ratio, few.ratio_high) == pytest.approx((1.0, 1.5, 2.0))
 
 
 def test_service_learns_from_finished_requests_in_a_real_store(tmp_path):

@@ -208,8 +208,8 @@ class ForecastLearner:
     Built from the results store's recent outcomes (newest first) every few seconds off the event
     loop; the forecast reads it without touching the store. The correction is the distribution of
     actual / raw forecast of the band's last ``_OUTCOME_WINDOW`` requests: its median corrects the
-    point and its 10-90 % quantiles give the interval, so the interval's coverage is measured, not
-    assumed (conformal), and already holds output-length and model error together.
+    point and its split-conformal 80 % range (about its 10-90 % quantiles) gives the interval, so the
+    interval's coverage is measured, not assumed, and already holds output-length and model error together.
     """
 
     def __init__(self, outcomes: list[ForecastOutcome]) -> None:
@@ -247,10 +247,14 @@ class ForecastLearner:
         if len(ratios) < _MIN_OUTCOMES:
             return None
         ordered = sorted(ratios)
+        n = len(ordered)
         low, high = INTERVAL_QUANTILES
-        return ForecastCorrection(
-            _quantile(ordered, 0.5), _quantile(ordered, low), _quantile(ordered, high), len(ordered), band
-        )
+        # Split-conformal order statistics: a new outcome exchangeable with these n falls between the
+        # k-th smallest and the j-th with probability (j - k) / (n + 1) >= 80 % (wider than the sample
+        # quantiles when n is small: with 16 outcomes, their extremes).
+        below = max(1, math.floor((n + 1) * low))
+        above = min(n, math.ceil((n + 1) * high))
+        return ForecastCorrection(_quantile(ordered, 0.5), ordered[below - 1], ordered[above - 1], n, band)
 
     def correction(
         self, max_tokens: int, concurrent_requests: float | None = None, runs_to_max_tokens: bool = False
