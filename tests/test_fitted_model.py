@@ -122,6 +122,35 @@ def test_kv_cache_capacity_bounds_the_running_context() -> None:
     assert long[3] <= capacity + 64 / 40000 * 200 + 1
 
 
+def test_serving_steps_prefill_whole_prompts_and_average_to_the_mean_step() -> None:
+    qwen = StepTerms(load_model("Qwen/Qwen3-30B-A3B-Instruct-2507"), H100)
+    for batch, output in ((8.0, 250.0), (750.0, 250.0), (64.0, 32.0)):
+        sums, shares = qwen.serving_steps(batch, 1500, output, output / 2)
+        joining = batch / output
+        assert shares.sum() == pytest.approx(1.0) and np.all(shares > 0)
+        # The steps' mean is the mean step; each step prefills a whole number of prompts.
+        assert sums @ shares == pytest.approx(qwen.serving_sums(batch, 1500, output, output / 2))
+        prompts = (sums[1] - batch) / 1500
+        assert np.allclose(prompts, np.round(prompts)) and prompts.min() == math.floor(joining)
+    # Few prompts join: most steps only decode and touch far fewer experts than the mean step would.
+    sums, shares = qwen.serving_steps(8.0, 1500, 250.0, 125.0)
+    touched = qwen.basis(sums)[-1] @ shares
+    assert touched < 0.6 * qwen.basis(qwen.serving_sums(8.0, 1500, 250.0, 125.0))[-1]
+
+
+def test_a_serving_row_is_predicted_as_the_mean_of_its_steps() -> None:
+    row = next(m for m in load_serving_measurements("mlenergy_v3") if m.task == "sourcegraph-fim")
+    fit_row = fitted.fit_row(row, load_model)
+    step_terms, shares = fit_row.steps()
+    assert step_terms.shape[1] == 2 and fit_row.terms == pytest.approx(step_terms @ shares)
+    model = shipped_model()
+    parts = model.time_parts(step_terms, row.software)
+    power = model.power_watts(fit_row.gpu, *parts, software=row.software)
+    predicted = fitted.predict_serving(model, [fit_row], [row])
+    assert predicted["step_seconds"][0] == pytest.approx(shares @ parts[0])
+    assert predicted["power_watts"][0] == pytest.approx(shares @ (power * parts[0]) / (shares @ parts[0]) * row.num_gpus)
+
+
 # --- fitting -------------------------------------------------------------------------------------------
 
 

@@ -22,9 +22,15 @@ that dequantise FP8 or MXFP4 experts keep the SMs busy and draw more than their 
 activities are learned per vLLM version; idle is the catalog's measured
 idle power where there is one, else a learned fraction of TDP. Energy = power x time.
 
-Fitting (``fit``): log residuals of measured step time (then of measured power), plus a pull of
-every parameter toward a physical prior (a ridge in log space), within physical bounds; SciPy's
-``least_squares`` (only fitting needs SciPy; prediction needs NumPy alone). The shipped parameters
+Fitting (``fit``): log residuals of measured step time, then, with the time parameters fixed, of
+measured power and of measured energy (power x the fitted time: the quantity a prediction
+multiplies out, so that the power terms also learn what the time terms systematically miss), half
+weight each; plus a pull of every parameter toward a physical prior (a ridge in log space), within
+physical bounds; SciPy's ``least_squares`` (only fitting needs SciPy; prediction needs NumPy alone).
+A measured serving row is the mean of its steps, not one mean step: prompts join whole, so most
+steps only decode and a few also prefill a prompt (``StepTerms.serving_steps``), and what is not
+linear in a step's tokens (the distinct experts they touch, the overlap of memory and compute,
+power) is evaluated per step. The shipped parameters
 and the cross-validated residual quantiles live in ``data/fitted_model.json`` (``llmco2 eval``
 writes them, ``make model`` installs them).
 """
@@ -288,20 +294,42 @@ class FitRow:
     step_seconds: float
     power_watts_per_gpu: float
     weight: float = 1.0
+    #: The steps the measured mean is over (TERM_NAMES x steps) and their shares of the steps
+    #: (``StepTerms.serving_steps``); None: the one step ``terms``.
+    step_terms: np.ndarray | None = None
+    step_weights: np.ndarray | None = None
+
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(terms x steps, shares of the steps)."""
+        if self.step_terms is None:
+            return self.terms[:, None], np.ones(1)
+        return self.step_terms, self.step_weights  # type: ignore[return-value]
+
+
+_HALF = math.sqrt(0.5)
 
 
 def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
-    """Fit time parameters on the rows' step times, then power parameters on their power."""
+    """Fit time parameters on the rows' step times, then power parameters on their power and, given
+    the fitted time, their energy (half each). A row with several steps (``FitRow.steps``) is
+    predicted as their mean: time weighted by their shares, power by their time."""
     from scipy.optimize import least_squares
 
     software = tuple(sorted({row.software for row in rows}))
     model = prior_model(software)
-    terms = np.stack([row.terms for row in rows], axis=1)
+    # Every row's steps as columns: a row's measured step time is its steps' weighted mean.
+    steps = [row.steps() for row in rows]
+    terms = np.concatenate([step_terms for step_terms, _ in steps], axis=1)
+    shares = np.concatenate([step_shares for _, step_shares in steps])
+    owner = np.repeat(np.arange(len(rows)), [len(step_shares) for _, step_shares in steps])
     measured_seconds = np.array([row.step_seconds for row in rows])
     weights = np.sqrt(np.array([row.weight for row in rows]))
     groups: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        groups.setdefault(row.software, []).append(index)
+    for index in range(len(owner)):
+        groups.setdefault(rows[owner[index]].software, []).append(index)
+
+    def mean_over_steps(values: np.ndarray) -> np.ndarray:
+        return np.bincount(owner, shares * values, minlength=len(rows))
 
     table = _parameter_table(software)
     names = [p.name for p in table]
@@ -312,17 +340,20 @@ def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
 
     def time_residuals(x: np.ndarray) -> np.ndarray:
         model.parameters.update(zip(names, np.exp(x)))
-        predicted = np.empty(len(rows))
+        predicted = np.empty(len(owner))
         for version, index in groups.items():
             predicted[index] = model.step_seconds(terms[:, index], version)
+        predicted = mean_over_steps(predicted)
         return np.concatenate([weights * np.log(predicted / measured_seconds), scale * (x - prior) / widths])
 
     solution = least_squares(time_residuals, np.clip(prior, low, high), bounds=(low, high), method="trf", x_scale=1.0)
     model.parameters.update(zip(names, np.exp(solution.x)))
 
-    parts = np.empty((5, len(rows)))
+    parts = np.empty((5, len(owner)))
     for version, index in groups.items():
         parts[:, index] = np.array(model.time_parts(terms[:, index], version))
+    row_seconds = mean_over_steps(parts[0])
+    seconds_over_measured = row_seconds / measured_seconds
     measured_power = np.array([row.power_watts_per_gpu for row in rows])
     power_table = _parameter_table(software, POWER_PARAMETERS, SOFTWARE_POWER_PARAMETERS)
     power_names = [p.name for p in power_table]
@@ -331,16 +362,22 @@ def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
     power_low, power_high = np.log([p.low for p in power_table]), np.log([p.high for p in power_table])
 
     by_gpu_and_version: dict[tuple[str, str], list[int]] = {}
-    for index, row in enumerate(rows):
+    for index in range(len(owner)):
+        row = rows[owner[index]]
         by_gpu_and_version.setdefault((row.gpu.name, row.software), []).append(index)
     gpu_of = {row.gpu.name: row.gpu for row in rows}
 
     def power_residuals(x: np.ndarray) -> np.ndarray:
         model.parameters.update(zip(power_names, np.exp(x)))
-        predicted = np.empty(len(rows))
+        predicted = np.empty(len(owner))
         for (gpu, version), index in by_gpu_and_version.items():
             predicted[index] = model.power_watts(gpu_of[gpu], *parts[:, index], software=version)
-        return np.concatenate([weights * np.log(predicted / measured_power), scale * (x - power_prior) / power_widths])
+        # A row's average power: its steps' energy over their time.
+        predicted = mean_over_steps(predicted * parts[0]) / row_seconds
+        # Power, and energy given the fitted time (what a prediction multiplies), weigh half each.
+        return np.concatenate([weights * np.log(predicted / measured_power) * _HALF,
+                               weights * np.log(predicted * seconds_over_measured / measured_power) * _HALF,
+                               scale * (x - power_prior) / power_widths])  # fmt: skip
 
     solution = least_squares(power_residuals, power_prior, bounds=(power_low, power_high), method="trf")
     model.parameters.update(zip(power_names, np.exp(solution.x)))
@@ -352,10 +389,11 @@ def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
 
 def fit_row(measurement: Any, describe, prompt_scale: float = 1.0) -> FitRow:
     """The mean step of a measured serving row (``serving_measurements.ServingMeasurement``) as a ``FitRow``."""
-    terms = serving_terms(measurement, describe, prompt_scale)
+    step_terms, shares = serving_steps(measurement, describe, prompt_scale)
     return FitRow(
-        terms=terms, software=measurement.software, gpu=_gpu(measurement.gpu),
+        terms=step_terms @ shares, software=measurement.software, gpu=_gpu(measurement.gpu),
         step_seconds=measurement.step_seconds, power_watts_per_gpu=measurement.power_watts / measurement.num_gpus,
+        step_terms=step_terms, step_weights=shares,
     )  # fmt: skip
 
 
@@ -365,28 +403,39 @@ def _gpu(name: str) -> GpuSpec:
     return find_gpu(name)
 
 
-def serving_terms(measurement: Any, describe, prompt_scale: float = 1.0) -> np.ndarray:
-    """Terms of the mean step of steady-state serving for a measured row's configuration."""
+def serving_steps(measurement: Any, describe, prompt_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(terms x steps, shares) of the steps of steady-state serving for a measured row's configuration
+    (``StepTerms.serving_steps``)."""
     builder = StepTerms(
         describe(measurement.model), _gpu(measurement.gpu), measurement.tensor_parallel,
         measurement.data_parallel, measurement.expert_parallel,
     )  # fmt: skip
     # Pipeline stages each hold a micro-batch: a request advances one token per pass of all stages.
     micro_batch = measurement.batch_size / measurement.pipeline_parallel
-    sums = builder.serving_sums(
+    sums, shares = builder.serving_steps(
         micro_batch, measurement.prompt_tokens * prompt_scale, measurement.output_tokens, measurement.running_age_tokens
     )
-    return builder.from_sums(sums)
+    return builder.from_sums(sums), shares
+
+
+def serving_terms(measurement: Any, describe, prompt_scale: float = 1.0) -> np.ndarray:
+    """Terms of the mean step of steady-state serving for a measured row's configuration (the steps'
+    mean: exact for the terms linear in the step's sums)."""
+    step_terms, shares = serving_steps(measurement, describe, prompt_scale)
+    return step_terms @ shares
 
 
 def predict_serving(model: FittedModel, rows: Sequence[FitRow], measurements: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Predicted step seconds, power (all GPUs) and energy per request of measured serving rows."""
+    """Predicted step seconds, power (all GPUs) and energy per request of measured serving rows: the
+    mean over each row's steps (time-weighted for power)."""
     seconds = np.empty(len(rows))
     power = np.empty(len(rows))
     for index, (row, measurement) in enumerate(zip(rows, measurements)):
-        parts = model.time_parts(row.terms[:, None], row.software)
-        seconds[index] = parts[0][0]
-        power[index] = model.power_watts(row.gpu, *parts, software=row.software)[0] * measurement.num_gpus
+        step_terms, shares = row.steps()
+        parts = model.time_parts(step_terms, row.software)
+        step_power = model.power_watts(row.gpu, *parts, software=row.software)
+        seconds[index] = float(shares @ parts[0])
+        power[index] = float(shares @ (step_power * parts[0])) / seconds[index] * measurement.num_gpus
     batch = np.array([m.batch_size for m in measurements])
     output = np.array([m.output_tokens for m in measurements])
     # With pipeline stages every stage works on its own micro-batch: batch tokens per full pass.

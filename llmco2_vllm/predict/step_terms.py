@@ -264,9 +264,30 @@ class StepTerms:
         of the batch / output_tokens requests that join each step prefilled in it (chunked prefill).
 
         A running request's context is its prompt plus its age (tokens generated so far);
-        ``running_age`` is the batch's mean age (``serving_measurements.running_age``).
+        ``running_age`` is the batch's mean age (``serving_measurements.running_age``). The sums are
+        linear in the prompts joining, so this is also the mean of ``serving_steps``' steps.
         """
+        return self._serving_step(batch, prompt_tokens, running_age, batch / output_tokens)
+
+    def serving_steps(self, batch: float, prompt_tokens: float, output_tokens: float, running_age: float) -> tuple[np.ndarray, np.ndarray]:
+        """(sums, weights) of the steps of steady-state serving: prompts join whole, so with j =
+        batch / output_tokens prompts joining per step on average, a share j - floor(j) of the steps
+        prefills floor(j) + 1 prompts and the others floor(j) (all of them with the batch decoding).
+        Their mean sums are ``serving_sums``; what is not linear in the sums (the distinct experts a
+        step touches, the overlap of memory and compute, power) is evaluated per step, not at the mean:
+        a step that prefills a prompt touches nearly every expert, the many steps that only decode
+        touch far fewer."""
         joining = batch / output_tokens
+        whole = math.floor(joining)
+        share = joining - whole
+        if share < 1e-9:
+            return self._serving_step(batch, prompt_tokens, running_age, whole)[:, None], np.ones(1)
+        steps = [self._serving_step(batch, prompt_tokens, running_age, k) for k in (whole, whole + 1)]
+        return np.stack(steps, axis=1), np.array([1.0 - share, share])
+
+    def _serving_step(self, batch: float, prompt_tokens: float, running_age: float, joining: float) -> np.ndarray:
+        """Sums of a step of ``batch`` decoding requests (mean age ``running_age``) that prefills
+        ``joining`` prompts of ``prompt_tokens`` each."""
         prefill = joining * prompt_tokens
         context = prompt_tokens + running_age
         # Full-attention contexts of the running sequences cannot exceed the K/V cache.

@@ -69,11 +69,12 @@ def static_batch_observation(
 
 
 def serving_observation(terms: StepTerms, measurement) -> Observation:
-    """The mean step of a measured steady-state serving row (``serving_measurements``): one step,
-    its measured time and its measured energy (all GPUs)."""
-    sums = terms.serving_sums(measurement.batch_size / measurement.pipeline_parallel, measurement.prompt_tokens,
-                              measurement.output_tokens, measurement.running_age_tokens)  # fmt: skip
-    return Observation(terms, measurement.num_gpus, sums[:, None], np.ones(1), measured_seconds=measurement.step_seconds,
+    """The mean step of a measured steady-state serving row (``serving_measurements``): its steps
+    (``StepTerms.serving_steps``: decode-only ones and ones that also prefill a prompt) with their
+    shares as counts, its measured mean step time and the energy of a mean step (all GPUs)."""
+    sums, shares = terms.serving_steps(measurement.batch_size / measurement.pipeline_parallel, measurement.prompt_tokens,
+                                       measurement.output_tokens, measurement.running_age_tokens)  # fmt: skip
+    return Observation(terms, measurement.num_gpus, sums, shares, measured_seconds=measurement.step_seconds,
                        measured_energy_j=measurement.power_watts * measurement.step_seconds, label=measurement.row_id)  # fmt: skip
 
 
