@@ -6,7 +6,7 @@ Run: ``.venv/bin/python benchmarks/prediction_speed.py`` -> ``benchmarks/results
   mixed steps (a few prefill chunks among decodes) of batch 1, 64 and 256;
 * request forecast (the API server, once per request): ``RequestForecaster.forecast`` as the
   estimate endpoint and admission control call it, with an output-length history so that the
-  forecast prices the expected, low and high lengths (up to six static batches);
+  forecast prices the expected, low and high lengths (the worst case: three static batches);
 * start-up: the accounting worker process from spawn to "ready" with the default settings (what
   the plugin adds before vLLM serves), against the same with ``LLMCO2_PREDICTOR=analytic``.
 
@@ -149,9 +149,9 @@ def main() -> int:
         "",
         "## Request forecast (API server, once per request; target <= 200 µs p99)",
         "",
-        "A forecast prices the request at the expected, low and high output lengths, each interpolated between the two "
-        "whole batches around the engine's mean running batch: up to six static batches, evaluated by "
-        "`FittedPredictor.static_batches` in one array pass.",
+        "A forecast prices the request at the expected, low and high output lengths (the expected alone once outcomes "
+        "taught a correction), at the engine's (fractional) mean running batch: up to three static batches, evaluated "
+        "by `FittedPredictor.static_batches` in one array pass. Timed here without outcomes: the worst case.",
         "",
         *forecasts,
         "",
