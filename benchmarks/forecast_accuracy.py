@@ -199,7 +199,7 @@ def forecast_latency(model_dir: Path, outcomes_from: list[dict], predictor_name:
         learner = ForecastLearner([
             ForecastOutcome(r["max_tokens"], r["output_tokens"], r["prompt_tokens"], r["cached_tokens"],
                             r["raw_energy_j"], r["forecast_energy_j"], r["low_j"], r["high_j"], r["actual_energy_j"], r["concurrent_requests"],
-                            r["output_tokens_source"] == "runs_to_max_tokens")
+                            r["output_tokens_source"])
             for r in outcomes_from
         ])  # fmt: skip
         service._learned = (float("inf"), learner)  # what the server had learned; no store read while timing

@@ -173,7 +173,7 @@ def test_request_shape_reads_openai_bodies_and_rejects_bad_ones():
 
 # -- forecasts a client can trust -------------------------------------------------------------------
 def _outcome(max_tokens: int, output: int, raw: float, actual: float, low: float = 0.0, high: float = 0.0) -> ForecastOutcome:
-    return ForecastOutcome(max_tokens, output, 100, 0, raw, raw, low or raw, high or raw, actual)
+    return ForecastOutcome(max_tokens, output, 100, 0, raw, raw, low or raw, high or raw, actual, 0.0, "learned")
 
 
 def test_point_is_the_median_inside_its_interval_in_every_regime():
@@ -219,15 +219,15 @@ def test_learner_measures_error_and_coverage_and_bands_by_max_tokens():
     short = [_outcome(16, 16, 1.0, 2.0, low=1.5, high=2.5) for _ in range(20)]  # forecast 2x too low, inside
     long = [_outcome(512, 400, 10.0, 5.0, low=11.0, high=30.0) for _ in range(20)]  # 2x too high, outside
     learner = ForecastLearner(short + long)
-    assert learner.correction(16, 1.0).ratio == pytest.approx(2.0) and learner.correction(16, 1.0).band == "length band 5, batch band 0"
-    assert learner.correction(600, 1.0).ratio == pytest.approx(0.5)  # 512-1023: the same band as 512
-    assert learner.correction(4000, 1.0).band == "batch band 0"  # a length band without outcomes: its batch band
-    assert learner.correction(16, 8.0) is None  # learned at another batch: the prior, not a stale correction
+    assert learner.correction(16, 1.0, "learned").ratio == pytest.approx(2.0) and learner.correction(16, 1.0, "learned").band == "length band 5, batch band 0, output length learned"
+    assert learner.correction(600, 1.0, "learned").ratio == pytest.approx(0.5)  # 512-1023: the same band as 512
+    assert learner.correction(4000, 1.0, "learned").band == "batch band 0, output length learned"  # a length band without outcomes: its batch band
+    assert learner.correction(16, 8.0, "learned") is None  # learned at another batch: the prior, not a stale correction
     assert learner.error_ratio == pytest.approx(0.75)  # |1/2 - 1| and |2 - 1|: median of 0.5s and 1s
     assert learner.interval_coverage == pytest.approx(0.5)
-    assert ForecastLearner(short[:5]).correction(16, 1.0) is None  # too few outcomes: the prior stays
+    assert ForecastLearner(short[:5]).correction(16, 1.0, "learned") is None  # too few outcomes: the prior stays
     # Few outcomes: the conformal range reaches their extremes (a new one is inside with probability 15/17).
-    few = ForecastLearner([_outcome(16, 16, 1.0, r) for r in np.linspace(1.0, 2.0, 16)]).correction(16, 1.0)
+    few = ForecastLearner([_outcome(16, 16, 1.0, r) for r in np.linspace(1.0, 2.0, 16)]).correction(16, 1.0, "learned")
     assert (few.ratio_low, few.ratio, few.ratio_high) == pytest.approx((1.0, 1.5, 2.0))
 
 
@@ -282,26 +282,29 @@ def test_requests_that_ignore_eos_run_to_max_tokens_and_teach_nothing_about_stop
         assert not request_shape({"prompt_tokens": 10, "max_tokens": 50, **body}, False, None, 256).runs_to_max_tokens
     assert request_shape({"prompt_tokens": 10, "max_tokens": 50, "min_tokens": 50}, False, None, 256).runs_to_max_tokens
 
-    def outcome(output: int, ratio: float, ignored_eos: bool) -> ForecastOutcome:
-        return ForecastOutcome(200, output, 100, 0, 10.0, 10.0, 10.0, 10.0, 10.0 * ratio, 4.0, ignored_eos)
+    def outcome(output: int, ratio: float, source: str) -> ForecastOutcome:
+        return ForecastOutcome(200, output, 100, 0, 10.0, 10.0, 10.0, 10.0, 10.0 * ratio, 4.0, source)
 
-    # Requests that stopped at about a quarter of max_tokens (corrected 1.5x) beside benchmark-style
-    # ones that ignored EOS (always 200 tokens, corrected 0.8x).
-    learner = ForecastLearner([outcome(50, 1.5, False) for _ in range(30)] + [outcome(200, 0.8, True) for _ in range(30)])
+    # Requests that stopped at about a quarter of max_tokens, priced at max_tokens before there was
+    # a history (corrected 0.3x) and at the learned length since (corrected 1.5x), beside
+    # benchmark-style ones that ignored EOS (always 200 tokens, corrected 0.8x).
+    learner = ForecastLearner([outcome(50, 0.3, "max_tokens") for _ in range(30)] + [outcome(50, 1.5, "learned") for _ in range(30)]
+                              + [outcome(200, 0.8, "runs_to_max_tokens") for _ in range(30)])  # fmt: skip
     forecaster = _forecaster()
     could_stop = forecaster.forecast(500, 200, 400.0, running_requests=3, learner=learner)
     assert (could_stop.output_tokens.source, could_stop.output_tokens.expected) == ("learned", 50)
-    assert could_stop.correction.ratio == pytest.approx(1.5)
+    assert could_stop.correction.ratio == pytest.approx(1.5)  # not the 0.3 of lengths priced at max_tokens
     known = forecaster.forecast(500, 200, 400.0, running_requests=3, learner=learner, runs_to_max_tokens=True)
     assert (known.output_tokens.source, known.output_tokens.expected) == ("runs_to_max_tokens", 200)
-    assert known.correction.ratio == pytest.approx(0.8) and "ignoring EOS" in known.correction.band
+    assert known.correction.ratio == pytest.approx(0.8) and "runs_to_max_tokens" in known.correction.band
     assert known.raw_energy_j > 2 * could_stop.raw_energy_j
     store = RequestResultStore.in_directory(tmp_path)  # the kind survives the store, which the learner reads
     for request_id, forecast in (("cmpl-known", known), ("cmpl-guessed", could_stop)):
         store.record_forecast(request_id, forecast.to_json(), forecast.grams_co2e, 1, now=1000.0)
         store.record_actuals([FinishedRequest(f"{request_id}-0-1a2b3c4d", 500, 0, 199, 200, 1.0, 1.0, 1.0, 1.0,
                                               operational_grams=1e-4, embodied_grams=0.0, finished_at=1001.0)])  # fmt: skip
-    assert {o.energy_j: o.runs_to_max_tokens for o in store.recent_outcomes()} == {known.energy_j: True, could_stop.energy_j: False}
+    sources = {o.energy_j: o.output_tokens_source for o in store.recent_outcomes()}
+    assert sources == {known.energy_j: "runs_to_max_tokens", could_stop.energy_j: "learned"}
 
 
 # -- admission under abuse -------------------------------------------------------------------------

@@ -188,7 +188,7 @@ class ForecastOutcome:
     energy_j_high: float
     actual_energy_j: float  # calibrated, attributed to this request by the engine
     concurrent_requests: float = 0.0  # the batch the forecast priced it in (0: unknown)
-    runs_to_max_tokens: bool = False  # its output length was known (ignore_eos): says nothing of where requests stop
+    output_tokens_source: str = ""  # how its forecast priced the output length (OutputLengthEstimate.source)
 
 
 @dataclass(frozen=True)
@@ -215,21 +215,22 @@ class ForecastLearner:
     def __init__(self, outcomes: list[ForecastOutcome]) -> None:
         self.outcomes = outcomes
         # Where requests stop is learned from those that could stop; those that ignored EOS ran to their limit.
-        could_stop = [o for o in outcomes if not o.runs_to_max_tokens][:_OUTPUT_WINDOW]
+        could_stop = [o for o in outcomes if o.output_tokens_source != "runs_to_max_tokens"][:_OUTPUT_WINDOW]
         self.output_lengths = OutputLengths([(o.output_tokens, o.max_tokens) for o in could_stop])
         prompts = sum(o.prompt_tokens for o in outcomes)
         self.cached_share = min(0.95, sum(o.cached_tokens for o in outcomes) / prompts) if prompts > 0 else 0.0
-        # Forecasts of a known output length (ignore_eos) and of a guessed one err differently: each
-        # kind is corrected by its own outcomes.
-        by_band: dict[tuple[int, int, bool], list[float]] = {}
-        by_batch: dict[tuple[int, bool], list[float]] = {}
+        # Forecasts that priced the output length differently (known, max_tokens before any history,
+        # learned) err differently: each is corrected by outcomes priced the same way (a correction
+        # learned while lengths were priced at max_tokens would count early stops twice once learned).
+        by_band: dict[tuple[int, int, str], list[float]] = {}
+        by_batch: dict[tuple[int, str], list[float]] = {}
         every: list[float] = []
         for outcome in outcomes:
             if outcome.raw_energy_j and outcome.raw_energy_j > 0 and outcome.actual_energy_j > 0:
                 ratio = outcome.actual_energy_j / outcome.raw_energy_j
-                batch, known = batch_band(outcome.concurrent_requests), outcome.runs_to_max_tokens
-                for ratios in (every, by_batch.setdefault((batch, known), []),
-                               by_band.setdefault((length_band(outcome.max_tokens), batch, known), [])):  # fmt: skip
+                batch, source = batch_band(outcome.concurrent_requests), outcome.output_tokens_source
+                for ratios in (every, by_batch.setdefault((batch, source), []),
+                               by_band.setdefault((length_band(outcome.max_tokens), batch, source), [])):  # fmt: skip
                     if len(ratios) < _OUTCOME_WINDOW:
                         ratios.append(ratio)
         self._all = self._correction(every, "all")
@@ -257,21 +258,21 @@ class ForecastLearner:
         return ForecastCorrection(_quantile(ordered, 0.5), ordered[below - 1], ordered[above - 1], n, band)
 
     def correction(
-        self, max_tokens: int, concurrent_requests: float | None = None, runs_to_max_tokens: bool = False
+        self, max_tokens: int, concurrent_requests: float | None = None, output_tokens_source: str = ""
     ) -> ForecastCorrection | None:
-        """The correction of outcomes forecast for about this length and batch (and output length known
-        or not) when there are enough of them, else of this batch at any length; None (the prior) when
-        there are too few. Without a batch: of all outcomes."""
+        """The correction of outcomes forecast for about this length and batch, their output length
+        priced the same way, when there are enough of them, else of this batch at any length; None
+        (the prior) when there are too few. Without a batch: of all outcomes."""
         if concurrent_requests is None:
             return self._all
         batch = batch_band(concurrent_requests)
-        band = self._bands.get((length_band(max_tokens), batch, runs_to_max_tokens))
-        return band or self._batches.get((batch, runs_to_max_tokens))
+        band = self._bands.get((length_band(max_tokens), batch, output_tokens_source))
+        return band or self._batches.get((batch, output_tokens_source))
 
 
-def _band_name(length: int | None, batch: int, runs_to_max_tokens: bool) -> str:
+def _band_name(length: int | None, batch: int, output_tokens_source: str) -> str:
     name = f"batch band {batch}" if length is None else f"length band {length}, batch band {batch}"
-    return name + (", ignoring EOS" if runs_to_max_tokens else "")
+    return f"{name}, output length {output_tokens_source or 'unknown'}"
 
 
 @dataclass(frozen=True)
@@ -445,7 +446,7 @@ class RequestForecaster:
         batch = float(running_requests + parts)
         if mean_running_requests is not None and math.isfinite(mean_running_requests):
             batch = max(batch, float(mean_running_requests))
-        correction = learner.correction(max_tokens, batch, runs_to_max_tokens) if learner is not None else None
+        correction = learner.correction(max_tokens, batch, outputs.source) if learner is not None else None
         # A learned correction's measured range already holds the output-length spread: the
         # expected length alone is priced.
         lengths = [outputs.expected] if correction is not None else sorted({outputs.expected, outputs.low, outputs.high})

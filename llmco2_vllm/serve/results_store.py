@@ -177,7 +177,7 @@ class RequestResultStore:
                         energy_j_high=float(forecast["energy_j_high"]),
                         actual_energy_j=float(row["calibrated_energy_j"]),
                         concurrent_requests=float(forecast.get("concurrent_requests") or 0.0),
-                        runs_to_max_tokens=forecast.get("output_tokens_source") == "runs_to_max_tokens",
+                        output_tokens_source=str(forecast.get("output_tokens_source") or ""),
                     )
                 )
             except (KeyError, TypeError, ValueError):
