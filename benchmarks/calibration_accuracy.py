@@ -13,8 +13,9 @@ per request predicted for rows the calibration never saw.
   predict every other row of that GPU. The prior is the fitted model **without any row of that GPU**
   (leave-one-GPU-out): for the v3 H100 rows it knows neither the GPU nor vLLM 0.11.1.
 
-Beside the term calibration (time + energy: each row's measured step time and energy; energy only:
-the meter alone), on the same rows: the prior uncalibrated, and the scale calibration (one factor,
+Beside the term calibration (time + energy: each row's measured step time and energy, the times used
+unless leaving each calibration row out shows they predict its energy worse: ``calibrate``'s default,
+as in ``llmco2 calibrate``; energy only: the meter alone), on the same rows: the prior uncalibrated, and the scale calibration (one factor,
 the geometric mean of measured/predicted over the calibration rows: what a single scale can do).
 """
 

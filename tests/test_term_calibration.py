@@ -14,6 +14,7 @@ from llmco2_vllm.predict import term_calibration
 from llmco2_vllm.predict.batch_predict import BatchPredictor, BatchRow
 from llmco2_vllm.predict.calibration import CalibrationFileError, OnlineCalibrator
 from llmco2_vllm.predict.fitted import FittedModel, FittedPredictor, shipped_model
+from llmco2_vllm.predict.hardware import find_gpu
 from llmco2_vllm.predict.step_shape import StepShape
 from llmco2_vllm.predict.step_terms import StepTerms
 
@@ -173,3 +174,28 @@ def test_serving_observation_matches_the_serving_prediction() -> None:
     predicted = fitted.predict_serving(shipped_model(), [fitted.fit_row(row, load_model)], [row])
     assert seconds == pytest.approx(predicted["step_seconds"][0])
     assert energy / row.batch_size * row.output_tokens == pytest.approx(predicted["energy_per_request_j"][0])
+
+
+def _observations(time_noise: list[float]) -> list[term_calibration.Observation]:
+    terms = StepTerms(BatchRow(MODEL, "H100", 1, 1, 1, 1, 1, 1).deployment().model, find_gpu("H100"))
+    observations = []
+    for shape, factor in zip(CALIBRATION_SHAPES, time_noise):
+        seconds, energy = measured(shape)
+        observations.append(term_calibration.static_batch_observation(
+            terms, 1, *shape, measured_seconds=seconds * factor, measured_energy_j=energy))  # fmt: skip
+    return observations
+
+
+def test_measured_times_are_used_only_where_leaving_rows_out_shows_they_help_the_energy() -> None:
+    # Times from the same deployment as the energies: they carry its shape, and are kept.
+    consistent = term_calibration.calibrate(shipped_model(), _observations([1.0] * len(CALIBRATION_SHAPES)))
+    assert consistent.selection["time_used"]
+    errors = consistent.selection["leave_one_out_energy_error"]
+    assert errors["time + energy"] <= errors["energy only"]
+    # Times off by row-specific amounts (e.g. wall clock that includes another process): fitting them
+    # would move the time terms to fit noise; the rows left out show it, and the energy alone is fitted.
+    scrambled = term_calibration.calibrate(shipped_model(), _observations([3.0, 0.3, 3.0, 0.3, 3.0]))
+    assert not scrambled.selection["time_used"]
+    assert scrambled.residuals_after["seconds"]  # the times are still reported
+    explicit = term_calibration.calibrate(shipped_model(), _observations([3.0, 0.3, 3.0, 0.3, 3.0]), use_time=False)
+    assert explicit.changes == scrambled.changes and explicit.selection is None

@@ -13,6 +13,15 @@ GPU host) pins the time terms, and measured energy — predicted as power x time
 consistent with the meter — what is left to the power terms. Without any time measurement the
 energy alone moves both (energy-only calibration), the ridge keeping unidentified terms home.
 
+Measured times do not always help the energy: a time is matched by moving time terms, and where the
+rows differ in what the model's time structure misses (rows of different models, a vLLM version or
+GPU the prior never saw) the moved terms fit the rows' own discrepancies, and the power terms then run
+to their bounds to put the energy back. ``calibrate`` (``llmco2 calibrate``) therefore decides from the
+rows themselves: each row with a measured energy is left out in turn and predicted from the others,
+calibrated with and without the measured times, and the times are used unless leaving them out
+predicts the left-out energies better (mean absolute log error). Nothing else is chosen, so with one
+row, or without a measured energy, it is ``calibrate``.
+
 An observation is a set of engine steps with multiplicities (their sums, ``step_terms.SUM_NAMES``)
 and what was measured over them: a static batch (one prefill step + its decode steps), or the mean
 step of steady-state serving.
@@ -139,6 +148,9 @@ class CalibrationResult:
     residuals_after: dict[str, list[float]]
 
     software: str = fitted.NEWEST_SOFTWARE
+    #: whether the measured times were fitted (when ``calibrate`` chose), and the leave-one-out energy
+    #: errors (mean absolute log) with and without them
+    selection: dict | None = None
 
     @property
     def terms(self) -> TermCalibration:
@@ -152,6 +164,7 @@ class CalibrationResult:
                         for name, (before, after) in self.changes.items()},  # fmt: skip
             "residuals_before": self.residuals_before,
             "residuals_after": self.residuals_after,
+            **({"selection": self.selection} if self.selection is not None else {}),
         }
 
 
@@ -190,9 +203,12 @@ def calibrate(
     prior: FittedModel, observations: Sequence[Observation], software: str | None = None,
     prior_width: float = PRIOR_WIDTH, noise: float = MEASUREMENT_NOISE, start: CalibrationResult | None = None,
     weights: Sequence[float] | None = None, max_evaluations: int | None = None, robust: bool = False,
+    use_time: bool | None = None,
 ) -> CalibrationResult:  # fmt: skip
     """Calibrate the prior's time and power terms on the observations' measured times and energies.
 
+    ``use_time``: fit the measured times (True), or the measured energies alone (False; the times are
+    still reported as residuals); None (default) chooses by leaving each row out (``_choose_time``);
     ``start``: a previous result to start from (the pull is still toward the prior); ``weights``: one
     per observation (e.g. forgetting: older windows weigh less); ``max_evaluations`` caps the solver;
     ``robust``: a Huber loss beyond ``ROBUST_SIGMAS`` noise units, so that a glitched window (a
@@ -200,6 +216,9 @@ def calibrate(
     """
     from scipy.optimize import least_squares
 
+    if use_time is None:
+        return _choose_time(prior, observations, software, prior_width=prior_width, noise=noise, start=start,
+                            weights=weights, max_evaluations=max_evaluations, robust=robust)  # fmt: skip
     initial = start.model if start is not None else prior
     model = dataclasses.replace(prior, parameters=dict(initial.parameters))
     deployment = CalibratedModel(model, software, start.idle_scale if start is not None else 1.0)
@@ -242,11 +261,47 @@ def calibrate(
     power_names = model.parameter_keys(fitted.CALIBRATED_POWER_TERMS, version)
     # One fit of every term on every signal: measured time pins the time terms, measured energy
     # (= power x time) then what is left to the power terms; the ridge keeps unidentified terms home.
-    solve(time_names + power_names, [(o, "seconds") for o in timed] + [(o, "energy") for o in metered])
+    fitted_times = timed if use_time or not metered else []
+    solve(time_names + power_names, [(o, "seconds") for o in fitted_times] + [(o, "energy") for o in metered])
     after = {"seconds": [residual(o, "seconds") for o in timed], "energy": [residual(o, "energy") for o in metered]}
     changes = {n: (prior.parameters[n], model.parameters[n]) for n in time_names + power_names if n != "idle_scale"}
     changes["idle_scale"] = (1.0, deployment.idle_scale)
     return CalibrationResult(model, deployment.idle_scale, changes, before, after, version)
+
+
+def _choose_time(prior: FittedModel, observations: Sequence[Observation], software: str | None = None,
+                 weights: Sequence[float] | None = None, **options) -> CalibrationResult:  # fmt: skip
+    """``calibrate``, with the measured times used only where they help predict energy on these rows:
+    each row with a measured energy is left out and predicted from the others, calibrated with and
+    without the times; the times stay unless leaving them out gives the lower mean absolute log
+    error. The result's ``selection`` records the choice and both errors."""
+    observations = list(observations)
+    metered = [i for i, o in enumerate(observations) if o.measured_energy_j]
+    timed = any(o.measured_seconds for o in observations)
+    if not timed or not metered or len(observations) < 2:
+        return calibrate(prior, observations, software, weights=weights, use_time=True, **options)
+    weight_of = dict(zip(map(id, observations), weights)) if weights is not None else {}
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    for left_out in metered:
+        rest = [o for i, o in enumerate(observations) if i != left_out]
+        if not any(o.measured_energy_j or o.measured_seconds for o in rest):
+            continue
+        target = observations[left_out]
+        for use_time in (True, False):
+            if not use_time and not any(o.measured_energy_j for o in rest):
+                errors[use_time].append(math.inf)  # nothing left to fit without the times
+                continue
+            rest_weights = [weight_of.get(id(o), 1.0) for o in rest]
+            result = calibrate(prior, rest, software, weights=rest_weights, use_time=use_time, **options)
+            _, energy = CalibratedModel(result.model, result.software, result.idle_scale).predict(target)
+            errors[use_time].append(abs(math.log(energy / target.measured_energy_j)))
+    with_time, without_time = (float(np.mean(errors[k])) if errors[k] else math.nan for k in (True, False))
+    use_time = not (without_time < with_time)
+    result = calibrate(prior, observations, software, weights=weights, use_time=use_time, **options)
+    finite = {"time + energy": with_time, "energy only": without_time}
+    result.selection = {"time_used": use_time,
+                        "leave_one_out_energy_error": {k: v if math.isfinite(v) else None for k, v in finite.items()}}  # fmt: skip
+    return result
 
 
 class OnlineTermCalibrator:
@@ -302,7 +357,8 @@ class OnlineTermCalibrator:
         self.history = [*self.history, observation][-self.memory :]
         ages = np.arange(len(self.history))[::-1]
         self.result = calibrate(self.prior, self.history, self.software, start=self.result,
-                                weights=self.forgetting**ages, max_evaluations=self.max_evaluations, robust=True)  # fmt: skip
+                                weights=self.forgetting**ages, max_evaluations=self.max_evaluations, robust=True,
+                                use_time=True)  # fmt: skip
         self.windows += 1
 
     def _score(self, observation: Observation) -> None:
