@@ -295,6 +295,10 @@ def _calibrate(args: argparse.Namespace) -> int:
             value = summary[key]
             print(f"{key:<22}  {value:.4g}" if isinstance(value, float) else f"{key:<22}  {value}")
         print(f"{'skipped':<22}  {len(skipped)}")
+        selection = summary.get("selection")
+        if selection:  # measured times are fitted only where leaving each row out shows they help
+            errors = ", ".join(f"{k} {v:.3g}" for k, v in selection["leave_one_out_energy_error"].items() if v is not None)
+            print(f"{'measured times used':<22}  {'yes' if selection['time_used'] else 'no'} (leave-one-out energy error: {errors})")
         for name, change in summary["changes"].items():
             if abs(change["ratio"] - 1) > 0.005:
                 print(f"  {name:<40} {change['prior']:.4g} -> {change['calibrated']:.4g} (x{change['ratio']:.3f})")

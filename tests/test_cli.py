@@ -88,6 +88,16 @@ def test_calibrate_then_predict_with_calibration(tmp_path):
     calibrated = json.loads(run(*args, "--calibration", str(calibration)).stdout)
     assert calibrated["energy_j"] == pytest.approx(1.3 * plain["energy_j"], rel=0.05)
     assert calibrated["predictor"] == "fitted+terms+calibration"
+    # With measured times as well, the plain output says whether they were fitted (leave-one-out choice).
+    timed = tmp_path / "timed.csv"
+    with open(predicted, newline="") as handle, open(timed, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=[*rows[0], "measured_energy_j", "measured_seconds"], extrasaction="ignore")
+        writer.writeheader()
+        for row in csv.DictReader(handle):
+            writer.writerow({**row, "measured_energy_j": 1.3 * float(row["energy_j"]), "measured_seconds": 1.1 * float(row["seconds"])})
+    text = run("calibrate", "--measurements", str(timed), "--out", str(tmp_path / "timed.json"))
+    assert text.returncode == 0, text.stderr
+    assert "measured times used" in text.stdout and "leave-one-out energy error" in text.stdout
 
 
 def test_batch_mode_keeps_going_on_bad_rows(tmp_path):
