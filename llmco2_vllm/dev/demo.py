@@ -54,6 +54,7 @@ def main() -> int:
         metrics = _wait_for_metrics(server, len(WORKLOAD))
         results = [_get_json(server.base_url + f"/v1/carbon/requests/{response['id']}") for response in responses]
         estimate = server.post("/v1/carbon/estimate", {"prompt_tokens": 200, "max_tokens": 100})
+        exact = server.post("/v1/carbon/estimate", {"prompt_tokens": 200, "max_tokens": 100, "ignore_eos": True})
     print()
     print(
         f"{'request':<30} {'prompt':>6} {'cached':>6} {'output':>6} {'forecast J':>11} {'prefill J':>10} "
@@ -77,11 +78,14 @@ def main() -> int:
         f"grid intensity {forecast['grid_intensity_grams_per_kwh']:.0f} gCO2e/kWh, PUE {first.get('pue', 1.0)}; "
         "gCO2e = operational + embodied share."
     )
-    print(
-        f"Estimate for 200 prompt + 100 output tokens now: {forecast['energy_j']:.3f} J "
-        f"({forecast['energy_j_low']:.3f}-{forecast['energy_j_high']:.3f}), {forecast['grams_co2e']:.6f} gCO2e; "
-        f"admission: {estimate['admission']['decision']}."
-    )
+    for label, answer in (("up to 100 output tokens (it may stop after one)", estimate),
+                          ("exactly 100 output tokens (ignore_eos)", exact)):  # fmt: skip
+        f = answer["forecast"]
+        print(
+            f"Estimate now for 200 prompt tokens and {label}: {f['energy_j']:.3f} J "
+            f"(80 % interval {f['energy_j_low']:.3f}-{f['energy_j_high']:.3f}), {f['grams_co2e']:.6f} gCO2e; "
+            f"admission: {answer['admission']['decision']}."
+        )
     print("\nPlugin metrics on /metrics:")
     for line in metrics.splitlines():
         if line.startswith("llmco2_") and "_created" not in line and "_bucket" not in line:
