@@ -15,7 +15,6 @@ the accounting worker) and ``http_endpoints`` (routes and admission middleware o
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmco2_vllm.plugin.patching import wrap_once
 from llmco2_vllm.plugin.placement import engine_placement
 from llmco2_vllm.plugin.scheduler_hook import capturing_scheduler
 from llmco2_vllm.plugin.worker_hook import wrap_worker_device_init
@@ -85,16 +85,13 @@ def _ensure_run_dir() -> None:
 def _wrap_scheduler_selection() -> None:
     from vllm.config.scheduler import SchedulerConfig
 
-    original = SchedulerConfig.get_scheduler_cls
-    if getattr(original, "_llmco2_wrapped", False):
-        return
+    def wrapper(original):
+        def get_scheduler_cls(self):
+            return capturing_scheduler(original(self), start_accounting)
 
-    @functools.wraps(original)
-    def get_scheduler_cls(self):
-        return capturing_scheduler(original(self), start_accounting)
+        return get_scheduler_cls
 
-    get_scheduler_cls._llmco2_wrapped = True  # type: ignore[attr-defined]
-    SchedulerConfig.get_scheduler_cls = get_scheduler_cls
+    wrap_once(SchedulerConfig, "get_scheduler_cls", wrapper)
 
 
 def describe_deployment(vllm_config: Any, settings: Settings) -> "Deployment":

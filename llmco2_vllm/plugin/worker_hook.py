@@ -11,10 +11,10 @@ Nothing here may break a worker: every failure is logged once and metering goes 
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 from typing import Any
 
+from llmco2_vllm.plugin.patching import wrap_once
 from llmco2_vllm.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,21 +25,18 @@ _reporters: list[Any] = []
 def wrap_worker_device_init() -> None:
     from vllm.v1.worker.worker_base import WorkerWrapperBase
 
-    original = WorkerWrapperBase.init_device
-    if getattr(original, "_llmco2_wrapped", False):
-        return
+    def wrapper(original):
+        def init_device(self):
+            result = original(self)
+            try:
+                start_rank_energy_reporter(self.worker, self.vllm_config)
+            except Exception:
+                logger.exception("llmco2: could not start this worker's GPU energy reporter; its GPU is not metered")
+            return result
 
-    @functools.wraps(original)
-    def init_device(self):
-        result = original(self)
-        try:
-            start_rank_energy_reporter(self.worker, self.vllm_config)
-        except Exception:
-            logger.exception("llmco2: could not start this worker's GPU energy reporter; its GPU is not metered")
-        return result
+        return init_device
 
-    init_device._llmco2_wrapped = True  # type: ignore[attr-defined]
-    WorkerWrapperBase.init_device = init_device
+    wrap_once(WorkerWrapperBase, "init_device", wrapper)
 
 
 def start_rank_energy_reporter(worker: Any, vllm_config: Any) -> Any:
