@@ -288,3 +288,19 @@ def test_closed_form_sums_equal_the_step_sums() -> None:
         together = terms.decode_sums(5, contexts)
         for column, context in enumerate(contexts):
             assert np.allclose(together[:, column], terms.step_sums(StepShape.static_batch_decode(5, int(context))))
+
+
+def test_a_phase_without_tokens_costs_nothing_and_never_rounds_below_zero():
+    """Prefill-only steps: the prefill phase's share of the fixed costs sums to 1 in floats, and once
+    rounded past it the decode phase came out at -1e-16 J, which Prometheus refused as a counter
+    increment (it ended the accounting worker in a burst of new requests)."""
+    predictor = _predictor()
+    rng = np.random.default_rng(0)
+    for n in range(1, 65):
+        prompts = rng.integers(1, 60, n)
+        zeros = np.zeros(n, dtype=np.int64)
+        step = StepShape.unchecked(tuple(f"r{i}" for i in range(n)), prompts, zeros, zeros, zeros, 0.01)
+        prediction = predictor.predict_step(step)
+        assert 0.0 <= prediction.decode_seconds < 1e-12 * prediction.prefill_seconds, n
+        assert 0.0 <= prediction.decode_energy_j < 1e-12 * prediction.prefill_energy_j, n
+        assert prediction.prefill_seconds > 0 and prediction.prefill_energy_j > 0

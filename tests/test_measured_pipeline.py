@@ -266,3 +266,22 @@ def test_fitted_terms_learn_online_from_measured_windows(tmp_path):
     restarted = load_predictor("fitted", Deployment("llama", model, hardware), calibration_file=str(path))
     assert restarted.name == "fitted+terms"
     assert restarted.term_ratios()["sequence_seconds"] == pytest.approx(predictor.term_ratios()["sequence_seconds"], rel=0.05)
+
+
+def test_a_negative_counter_increment_is_skipped_and_reported_not_fatal():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from llmco2_vllm.accounting.pipeline import _PendingIncrements
+
+    registry = CollectorRegistry()
+    up, down = Counter("up", "", registry=registry), Counter("down", "", registry=registry)
+    pending = _PendingIncrements()
+    pending.add(up, 2.0)
+    pending.add(down, -1e-17)  # float rounding: skipped silently
+    pending.flush()
+    pending.add(up, 1.0)
+    pending.add(down, -0.5)  # a bug upstream: skipped, reported after the others were added
+    with pytest.raises(ValueError, match="negative counter increments skipped"):
+        pending.flush()
+    assert registry.get_sample_value("up_total") == 3.0 and registry.get_sample_value("down_total") == 0.0
+    assert pending.amounts == {}

@@ -55,10 +55,17 @@ class _PendingIncrements:
         amounts[child] = amounts.get(child, 0.0) + amount
 
     def flush(self) -> None:
+        """Add every positive amount; a negative one (a counter never goes backwards) is skipped and,
+        beyond float rounding, reported once the others are added."""
+        negative = []
         for child, amount in self.amounts.items():
-            if amount:
+            if amount > 0:
                 child.inc(amount)
+            elif amount < -1e-9:
+                negative.append(amount)
         self.amounts.clear()
+        if negative:
+            raise ValueError(f"{len(negative)} negative counter increments skipped (the lowest {min(negative):.3g})")
 
 
 class _StepSample:
@@ -199,7 +206,10 @@ class EnginePipeline:
                 except Exception as error:  # a part without its own guard: count it, keep the worker alive
                     self.failed("attribute", error)
         finally:
-            self._increments.flush()
+            try:
+                self._increments.flush()
+            except Exception as error:  # an uncaught error here ended the worker: count it, keep accounting
+                self.failed("export", error)
         self._unpublished = True
         self._count_losses()
         return len(steps)

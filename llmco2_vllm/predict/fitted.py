@@ -594,16 +594,19 @@ class FittedPredictor:
         per_token = 1.0 / (np.maximum(prefill_tokens + decode_tokens, 1) * max(sequences, 1.0))
         per_sequence = prefill_tokens * per_token  # each scheduled sequence's prefill part of 1 / sequences
         decode_per_sequence = decode_tokens * per_token
-        prefill_sequences = float(per_sequence.sum())  # the prefill phase's share of the fixed costs
-        prefill_total_j = work_j * energy_share + fixed_j * prefill_sequences
-        decode_total_j = work_j * (1.0 - energy_share) + fixed_j * (1.0 - prefill_sequences)
+        # The prefill phase's share of the fixed costs, in [0, 1]: its float sum can round just past 1
+        # in a prefill-only step, which made the decode phase a tiny negative energy and time (and a
+        # counter increment Prometheus refuses).
+        prefill_sequences = min(1.0, float(per_sequence.sum()))
+        prefill_total_j = max(0.0, work_j * energy_share + fixed_j * prefill_sequences)
+        decode_total_j = max(0.0, work_j * (1.0 - energy_share) + fixed_j * (1.0 - prefill_sequences))
         if prefill_total_j > 0:
             prefill_w = (work_j * energy_share * prefill_w + fixed_j * per_sequence) / prefill_total_j
         if decode_total_j > 0:
             decode_w = (work_j * (1.0 - energy_share) * decode_w + fixed_j * decode_per_sequence) / decode_total_j
         return StepPrediction(
-            work_s * time_share + fixed_s * prefill_sequences,
-            work_s * (1.0 - time_share) + fixed_s * (1.0 - prefill_sequences),
+            max(0.0, work_s * time_share + fixed_s * prefill_sequences),
+            max(0.0, work_s * (1.0 - time_share) + fixed_s * (1.0 - prefill_sequences)),
             prefill_total_j,
             decode_total_j,
             prefill_w,
