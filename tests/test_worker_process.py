@@ -179,3 +179,32 @@ def test_idle_worker_publishes_when_due_without_new_messages(tmp_path, monkeypat
         assert steps == 20
     finally:
         worker.stop()
+
+
+def test_a_failing_batch_is_counted_and_the_worker_keeps_accounting():
+    """A failure that escapes the pipeline's own guards costs that batch, never the rest of the run."""
+    from llmco2_vllm.accounting.worker import _account
+
+    class Pipeline:
+        def __init__(self) -> None:
+            self.batches: list = []
+            self.failures: list = []
+
+        def tick(self) -> float:
+            return 0.0
+
+        def note_engine_state(self, *state) -> None:
+            pass
+
+        def process_steps(self, steps) -> None:
+            if steps == ["bad"]:
+                raise ValueError("boom")
+            self.batches.append(steps)
+
+        def failed(self, stage: str, error: BaseException) -> None:
+            self.failures.append((stage, repr(error)))
+
+    messages = iter([("steps", ["bad"], 0, 0, []), ("steps", ["good"], 0, 0, []), ("stop",)])
+    pipeline = Pipeline()
+    _account(pipeline, lambda timeout: next(messages), lambda message: None)
+    assert pipeline.batches == [["good"]] and pipeline.failures == [("attribute", "ValueError('boom')")]

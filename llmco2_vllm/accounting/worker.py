@@ -192,8 +192,11 @@ def _account(pipeline, receive: Receive, reply: Reply) -> None:
         kind = message[0]
         if kind == "steps":
             _, steps, engine_dropped, engine_queued, errors = message
-            pipeline.note_engine_state(engine_dropped, engine_queued, errors)
-            pipeline.process_steps(steps)
+            try:
+                pipeline.note_engine_state(engine_dropped, engine_queued, errors)
+                pipeline.process_steps(steps)
+            except Exception as error:  # a gap in the pipeline's own guards must not end the accounting
+                pipeline.failed("attribute", error)
         elif kind == "sync":  # everything sent before it is accounted: messages are handled in order
             reply(("synced", message[1], pipeline.report()))
         elif kind == "stop":
