@@ -204,13 +204,16 @@ def forecast_latency(model_dir: Path, outcomes_from: list[dict], predictor_name:
         ])  # fmt: skip
         service._learned = (float("inf"), learner)  # what the server had learned; no store read while timing
         service._engine_state = (float("inf"), {"running_requests": 7, "mean_running_requests": 7.6, "step_token_budget": 128,
-                                               "prefill_scale": 1.0, "decode_scale": 1.0, "calibrated_error": None})  # fmt: skip
+                                               "step_seconds": 0.02, "prefill_scale": 1.0, "decode_scale": 1.0,
+                                               "calibrated_error": None})  # fmt: skip
         rng = random.Random(5)
         shapes = [RequestShape(rng.randint(8, 400), rng.randint(8, 160), 1, False, rng.random() < 0.5) for _ in range(2000)]
+        now = time.time()
+        running = tuple((now - rng.uniform(0, 2), rng.randint(8, 160), 1) for _ in range(7))  # seven running beside it
         timings = []
         for shape in shapes * 3:
             begin = time.perf_counter()
-            service._forecast_shape(shape)
+            service._forecast_shape(shape, True, running)
             timings.append(time.perf_counter() - begin)
         timings = np.array(timings[len(shapes):]) * 1e6  # the first pass warms caches
     return {"predictor": predictor_name, "p50_us": float(np.median(timings)), "p99_us": float(np.quantile(timings, 0.99))}

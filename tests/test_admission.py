@@ -487,3 +487,73 @@ def test_forecast_batch_follows_the_engine_but_forgets_load_that_has_gone(tmp_pa
     assert batch(3.0, 9) == 9.0  # load rising: what runs now
     assert batch(7.6, 0, in_flight=5) == 5.0  # this server's requests arriving together (itself among them)
     assert batch(None, 0) == 1.0
+
+
+def test_prior_interval_spans_the_batch_over_the_request_life():
+    """Before outcomes are learned, the interval holds the batch changing while the request runs:
+    its high end the batch left if the running requests end as expected (none arriving), its low
+    end the batch the engine ran recently. The point stays at the batch it joins."""
+    forecaster = _forecaster()  # output length known (ignore_eos), model error 0: the batch alone widens it
+    steady = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True)
+    # Seven others with 100+ steps left outlive it: nothing leaves, the interval is the point's.
+    outliving = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True, running=[(150.0, 1)] * 7)
+    assert (outliving.energy_j_low, outliving.energy_j, outliving.energy_j_high) == pytest.approx(
+        (steady.energy_j_low, steady.energy_j, steady.energy_j_high)
+    )
+    # The seven end within 10 steps of its 100: for 90 % of its life it is nearly alone.
+    ending = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True, running=[(10.0, 1)] * 7)
+    assert ending.energy_j == pytest.approx(steady.energy_j)
+    nearly_alone = forecaster.forecast(500, 100, 400.0, running_requests=0, mean_running_requests=1.7, relative_error=0.0, runs_to_max_tokens=True)
+    assert ending.energy_j_high == pytest.approx(nearly_alone.energy_j)
+    assert ending.grams_co2e_high > steady.grams_co2e_high
+    # The engine ran 32 at a time a moment ago: load that may return prices the low end.
+    busy = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True, busy_batch=32.0)
+    assert busy.energy_j == pytest.approx(steady.energy_j)
+    assert busy.energy_j_low == pytest.approx(forecaster.forecast(500, 100, 400.0, running_requests=31, runs_to_max_tokens=True).energy_j)
+    assert busy.energy_j_high == pytest.approx(steady.energy_j_high)
+
+
+def test_service_expects_running_requests_to_leave_by_their_expected_length(tmp_path):
+    """Each forecast request counts as running its expected steps; how fast steps pass is learned
+    from the wall time finished requests took per expected step."""
+    clock = [1000.0]
+    service = CarbonService(Settings(), _forecaster(), RequestResultStore.in_directory(tmp_path), _static(400.0),
+                            "llama", 4096, clock=lambda: clock[0])  # fmt: skip
+    service._engine_state = (float("inf"), {"running_requests": 0, "mean_running_requests": None,
+                                            "prefill_scale": 1.0, "decode_scale": 1.0})  # fmt: skip
+
+    def forecast(max_tokens: int, ticket: int | None):
+        body = {"prompt_tokens": 100, "max_tokens": max_tokens, "ignore_eos": True}
+        return asyncio.run(service.shape_and_forecast(body, False, ticket))[1]
+
+    alone = service.forecaster.forecast(100, 200, 400.0, runs_to_max_tokens=True)
+    # Before any request finished, running requests are taken as just started: three of 10 steps
+    # leave a request of 200 steps alone for 95 % of its life.
+    short = [service.request_arrived() for _ in range(3)]
+    for ticket in short:
+        forecast(10, ticket)
+    ticket = service.request_arrived()
+    long = forecast(200, ticket)
+    assert long.concurrent_requests == 4.0
+    assert 0.9 * alone.energy_j_high < long.energy_j_high <= alone.energy_j_high
+    assert 0.9 * alone.energy_j_high < service.forecaster.forecast(
+        100, 200, 400.0, runs_to_max_tokens=True, running_requests=3, running=[(10.0, 1)] * 3
+    ).energy_j_high
+    clock[0] += 1.0
+    for finished in short:
+        service.request_finished(finished)  # 10 steps in 1 s: 0.1 s per step
+    assert service._step_period == pytest.approx(0.1)
+    # The long one has run 10 of its 200 steps; a new one of 20 steps expects it to outlive it.
+    newcomer = service.request_arrived()
+    beside = forecast(20, newcomer)
+    outliving = service.forecaster.forecast(100, 20, 400.0, runs_to_max_tokens=True, running_requests=1)
+    assert beside.energy_j_high == pytest.approx(outliving.energy_j_high)
+    clock[0] += 17.0  # the long one has 20 steps left (half of a 40-step life), the newcomer none
+    last = service.request_arrived()
+    late = forecast(40, last)
+    expected = service.forecaster.forecast(100, 40, 400.0, runs_to_max_tokens=True, running_requests=2, running=[(20.0, 1), (-150.0, 1)])
+    assert late.concurrent_requests == 3.0 and late.energy_j_high == pytest.approx(expected.energy_j_high)
+    assert expected.energy_j_high > 1.5 * late.energy_j * service.forecaster.uncalibrated_ratio_range[1]
+    for finished in (ticket, newcomer, last):
+        service.request_finished(finished)
+    assert service._running == {} and service._in_flight == 0

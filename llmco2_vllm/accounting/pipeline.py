@@ -152,6 +152,7 @@ class EnginePipeline:
         self.step_token_budget = step_token_budget
         self.largest_step_tokens = 0
         self._increments = _PendingIncrements()
+        self._running_samples: deque[int] = deque(maxlen=_RUNNING_SAMPLES)
         self._next_publish = time.monotonic() + settings.flush_interval_seconds
         self._unpublished = True
 
@@ -487,7 +488,7 @@ class EnginePipeline:
             # Forecasts price a request in the batch the engine has recently been running, not the
             # instantaneous count: sampled at each publish (only while steps arrive, so idle time
             # does not dilute it), the last _RUNNING_SAMPLES of them.
-            samples = self.__dict__.setdefault("_running_samples", deque(maxlen=_RUNNING_SAMPLES))
+            samples = self._running_samples
             samples.append(len(self.ledger))
             store.publish_engine_state(
                 self.engine,

@@ -57,7 +57,7 @@ def main() -> int:
         exact = server.post("/v1/carbon/estimate", {"prompt_tokens": 200, "max_tokens": 100, "ignore_eos": True})
     print()
     print(
-        f"{'request':<30} {'prompt':>6} {'cached':>6} {'output':>6} {'forecast J':>11} {'prefill J':>10} "
+        f"{'request':<30} {'prompt':>6} {'cached':>6} {'output':>6} {'forecast J':>11} {'80 % interval':>15} {'prefill J':>10} "
         f"{'decode J':>10} {'actual J':>10} {'gCO2e':>10}"
     )
     for response, result in zip(responses, results):
@@ -68,7 +68,8 @@ def main() -> int:
             continue
         print(
             f"{response['id'][:30]:<30} {usage['prompt_tokens']:>6} {actual['cached_tokens']:>6} "
-            f"{usage['completion_tokens']:>6} {result['forecast']['energy_j']:>11.4f} {actual['prefill_energy_j']:>10.4f} "
+            f"{usage['completion_tokens']:>6} {result['forecast']['energy_j']:>11.4f} "
+            f"{result['forecast']['energy_j_low']:>7.3f}-{result['forecast']['energy_j_high']:<7.3f} {actual['prefill_energy_j']:>10.4f} "
             f"{actual['decode_energy_j']:>10.4f} {actual['energy_j']:>10.4f} {actual['grams_co2e']:>10.6f}"
         )
     first = records[0] if records else {}

@@ -107,18 +107,21 @@ class AdmissionMiddleware:
 
         # The request counts in the batch others are forecast in from now until its response ends
         # (requests arriving together see each other), except while it waits deferred.
-        service.request_arrived()
+        ticket = service.request_arrived()
         try:
-            await self._forecast_admit_and_run(service, scope, replay, send, body_bytes, path, request_id, wait_seconds)
+            await self._forecast_admit_and_run(
+                service, scope, replay, send, body_bytes, path, request_id, wait_seconds, ticket
+            )
         finally:
-            service.request_finished()
+            service.request_finished(ticket)
 
     async def _forecast_admit_and_run(
-        self, service: CarbonService, scope, replay, send, body_bytes: bytes, path: str, request_id: str, wait_seconds: float
+        self, service: CarbonService, scope, replay, send, body_bytes: bytes, path: str, request_id: str,
+        wait_seconds: float, ticket: int,
     ) -> None:
         extra_headers: list[tuple[bytes, bytes]] = [(b"x-llmco2-request-id", request_id.encode())]
         try:
-            shape, forecast = await service.shape_and_forecast(json.loads(body_bytes), path == CHAT_PATH)
+            shape, forecast = await service.shape_and_forecast(json.loads(body_bytes), path == CHAT_PATH, ticket)
         except (RequestShapeError, ValueError):
             # Not a request the forecast can read: vLLM validates it and answers (usually 400).
             service.body_not_forecast("unreadable")
@@ -129,7 +132,7 @@ class AdmissionMiddleware:
             return
 
         try:
-            decision, _ = await service.admit(forecast, wait_seconds)
+            decision, _ = await service.admit(forecast, wait_seconds, ticket)
             await service.record_forecast(request_id, shape, forecast, decision)
         except Exception as error:
             await self._fail(service.admission_failed(error), scope, replay, send, extra_headers)

@@ -275,6 +275,14 @@ def _band_name(length: int | None, batch: int, output_tokens_source: str) -> str
     return f"{name}, output length {output_tokens_source or 'unknown'}"
 
 
+def batch_if_none_arrive(batch: float, parts: int, steps: int, running: Sequence[tuple[float, int]]) -> float:
+    """The mean batch over a request's ``steps`` if the ``running`` requests (``(steps left, parts)``, part of
+    ``batch``) end as expected and none arrive in their place: requests running now that end during its
+    life leave it a smaller batch for the rest."""
+    leaving = sum(p * (1.0 - min(max(left, 0.0), steps) / steps) for left, p in running)
+    return max(float(parts), batch - leaving)
+
+
 @dataclass(frozen=True)
 class RequestForecast:
     """Forecast energy and carbon of one client request, before it runs (all its prompts x n).
@@ -359,13 +367,13 @@ class RequestForecaster:
         self.pue = pue
 
     def _shares(
-        self, batch: float, prompt_tokens: int, outputs: Sequence[int], scales: tuple[float, float], cached_share: float,
+        self, priced: Sequence[tuple[float, int]], prompt_tokens: int, scales: tuple[float, float], cached_share: float,
         step_token_budget: float | None = None,
     ) -> list[tuple[float, float]]:
-        """(energy J, seconds) of one request in a batch of ``batch``, for each output length.
+        """(energy J, seconds) of one request in a batch, for each ``(batch, output length)`` priced.
 
         A predictor that evaluates several static batches at once (``static_batches``) prices them
-        all in one call, the fractional batch as is (its sums are linear in the batch); any other
+        all in one call, a fractional batch as is (its sums are linear in the batch); any other
         prices whole batches, a fractional one interpolated between the two around it.
 
         With the engine's ``step_token_budget`` known, and a predictor whose attribution shares a step's
@@ -376,10 +384,10 @@ class RequestForecaster:
         prefill_scale, decode_scale = scales
         many = getattr(self.predictor, "static_batches", None)
         if many is None:
-            whole = max(1, int(batch))
-            fraction = batch - whole
             shares = []
-            for output in outputs:
+            for batch, output in priced:
+                whole = max(1, int(batch))
+                fraction = batch - whole
                 around = [forecast_static_batch(self.predictor, size, prompt_tokens, output)
                           for size in ((whole, whole + 1) if fraction > 1e-6 else (whole,))]  # fmt: skip
                 # Prompt tokens found in the prefix cache are not computed again; the context stays as long.
@@ -392,15 +400,17 @@ class RequestForecaster:
                 shares.append((energy_j, seconds))
             return shares
         with_fixed = getattr(self.predictor, "static_batches_with_fixed", None)
-        extra_steps = 0
+        extra_steps = [0] * len(priced)
         if with_fixed is not None and step_token_budget and math.isfinite(step_token_budget):
-            chunk = max(1.0, step_token_budget - (batch - 1.0))  # the running requests decode a token each
-            extra_steps = max(0, math.ceil(prompt_tokens * (1.0 - cached_share) / chunk - 1e-9) - 1)
-        results = (with_fixed if extra_steps else many)([(batch, prompt_tokens, output) for output in outputs])
+            uncached = prompt_tokens * (1.0 - cached_share)
+            # The running requests decode a token each in every step: what is left of the budget takes the prompt.
+            extra_steps = [max(0, math.ceil(uncached / max(1.0, step_token_budget - (batch - 1.0)) - 1e-9) - 1)
+                           for batch, _ in priced]  # fmt: skip
+        results = (with_fixed if any(extra_steps) else many)([(batch, prompt_tokens, output) for batch, output in priced])
         shares = []
-        for prefill_seconds, prefill_j, decode_seconds, decode_j, *fixed in results:
+        for (batch, _), extra, (prefill_seconds, prefill_j, decode_seconds, decode_j, *fixed) in zip(priced, extra_steps, results):
             # Each prefill step after the first: one step of the whole batch, its fixed costs shared equally.
-            extra_seconds, extra_j = (extra_steps * fixed[0], extra_steps * fixed[1]) if extra_steps else (0.0, 0.0)
+            extra_seconds, extra_j = (extra * fixed[0], extra * fixed[1]) if extra else (0.0, 0.0)
             energy_j = ((prefill_j * (1.0 - cached_share) + extra_j) * prefill_scale + decode_j * decode_scale) / batch
             shares.append((energy_j, prefill_seconds + decode_seconds + extra_seconds))
         return shares
@@ -419,6 +429,8 @@ class RequestForecaster:
         learner: ForecastLearner | None = None,
         step_token_budget: float | None = None,
         runs_to_max_tokens: bool = False,
+        busy_batch: float | None = None,
+        running: Sequence[tuple[float, int]] = (),
     ) -> RequestForecast:
         """``runs_to_max_tokens``: the request ignores EOS, so it generates ``max_tokens`` tokens.
 
@@ -430,9 +442,14 @@ class RequestForecaster:
         ``mean_running_requests``: the batch the engine has been running (a lower bound); ``learner``: what recent
         outcomes taught (output lengths, prefix-cache hits, correction), else ``recent_outputs`` only.
 
+        ``busy_batch``: the batch the engine ran recently, however long ago (load that may return);
+        ``running``: ``(steps left, parts)`` of each request running beside this one (requests that may end).
+
         The interval: with a learned correction, its measured 10-90 % ratios; before, the
         output-length range times the model's error range (before calibration the predictor's
-        measured/predicted range on real data, after it ``1 / (1 + e) .. 1 + e``), widened to hold 1.
+        measured/predicted range on real data, after it ``1 / (1 + e) .. 1 + e``), widened to hold 1,
+        and priced over the batch's own range: its low end in ``busy_batch``, its high end in the batch
+        left if the running requests end as expected and none arrive in their place.
         """
         if prompt_tokens < 1 or max_tokens < 1 or parts < 1:
             raise ValueError("prompt_tokens, max_tokens and parts must each be at least 1")
@@ -447,31 +464,37 @@ class RequestForecaster:
         if mean_running_requests is not None and math.isfinite(mean_running_requests):
             batch = max(batch, float(mean_running_requests))
         correction = learner.correction(max_tokens, batch, outputs.source) if learner is not None else None
-        # A learned correction's measured range already holds the output-length spread: the
-        # expected length alone is priced.
-        lengths = [outputs.expected] if correction is not None else sorted({outputs.expected, outputs.low, outputs.high})
-        share_of = dict(zip(lengths, self._shares(batch, prompt_tokens, lengths, scales, cached_share, step_token_budget)))
-        expected = share_of[outputs.expected]
+        # A learned correction's measured range already holds the spread of output lengths and of the
+        # batch over the request's life: the expected length alone is priced, in the expected batch.
+        priced = {"point": (batch, outputs.expected)}
+        if correction is None:
+            most = max(batch, busy_batch) if busy_batch is not None and math.isfinite(busy_batch) else batch
+            priced["low"] = (most, outputs.low)
+            priced["high"] = (batch_if_none_arrive(batch, parts, outputs.high, running), outputs.high)
+        distinct = list(dict.fromkeys(priced.values()))
+        share_of = dict(zip(distinct, self._shares(distinct, prompt_tokens, scales, cached_share, step_token_budget)))
+        expected = share_of[priced["point"]]
         energy_j, seconds = expected
         grams_per_joule = grams_co2e_per_kwh * self.pue / 3.6e6
         # Embodied carbon follows the time the GPUs are held, shared by the batch.
-        embodied_per_second = self.embodied_grams_per_gpu_second * self.num_gpus / batch
+        embodied_per_gpu_second = self.embodied_grams_per_gpu_second * self.num_gpus
 
-        def grams(share: tuple[float, float], factor: float) -> float:
-            return parts * factor * (share[0] * grams_per_joule + share[1] * embodied_per_second)
+        def grams(which: str, factor: float) -> float:
+            share_j, share_seconds = share_of[priced[which]]
+            return parts * factor * (share_j * grams_per_joule + share_seconds * embodied_per_gpu_second / priced[which][0])
 
         if correction is not None:
             point, low_factor, high_factor = correction.ratio, correction.ratio_low, correction.ratio_high
-            low = high = expected
+            priced["low"] = priced["high"] = priced["point"]
         else:
             if relative_error is None:
                 ratio_low, ratio_high = self.uncalibrated_ratio_range
             else:
                 ratio_low, ratio_high = 1.0 / (1.0 + relative_error), 1.0 + relative_error
             point, low_factor, high_factor = 1.0, min(ratio_low, 1.0), max(ratio_high, 1.0)
-            low, high = share_of[outputs.low], share_of[outputs.high]
+        low, high = share_of[priced["low"]], share_of[priced["high"]]
         point_energy_j = energy_j * parts * point
-        point_grams = grams(expected, point)
+        point_grams = grams("point", point)
         return RequestForecast(
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
@@ -484,9 +507,9 @@ class RequestForecaster:
             energy_j_high=max(point_energy_j, high[0] * parts * high_factor),
             seconds=seconds * point,
             operational_grams_co2e=energy_j * parts * point * grams_per_joule,
-            embodied_grams_co2e=seconds * parts * point * embodied_per_second,
-            grams_co2e_low=min(point_grams, grams(low, low_factor)),
-            grams_co2e_high=max(point_grams, grams(high, high_factor)),
+            embodied_grams_co2e=seconds * parts * point * embodied_per_gpu_second / batch,
+            grams_co2e_low=min(point_grams, grams("low", low_factor)),
+            grams_co2e_high=max(point_grams, grams("high", high_factor)),
             grid_intensity_grams_per_kwh=grams_co2e_per_kwh,
             calibrated=relative_error is not None,
             raw_energy_j=energy_j * parts,

@@ -13,6 +13,7 @@ import concurrent.futures
 import logging
 import math
 import time
+from collections import deque
 from typing import Any, Callable
 
 from llmco2_vllm.carbon.providers import IntensityProvider
@@ -40,6 +41,7 @@ _LEARNER_MAX_AGE_SECONDS = 2.0  # outcomes of finished requests are re-read at m
 _OUTCOMES_READ = 1000
 _SPENT_MAX_AGE_SECONDS = 1.0  # admissions in between are added locally (``_spent_since_read``)
 _GAUGE_REFRESH_SECONDS = 5.0
+_STEP_SAMPLES = 64  # finished requests the wall seconds per step are learned from
 
 
 class WaitingLine:
@@ -127,15 +129,31 @@ class CarbonService:
         self._spent_since_read = 0.0  # admitted here after that read
         self._logged_error = False
         self._in_flight = 0  # arrived here, not waiting deferred, response not complete: the batch a new request joins
+        self._last_ticket = 0
+        # Requests forecast here and not finished, for how soon they leave the batch later requests join:
+        # ticket -> (forecast at, expected steps, parts), and the wall seconds per step recent ones took.
+        self._running: dict[int, tuple[float, int, int]] = {}
+        self._seconds_per_step: deque[float] = deque(maxlen=_STEP_SAMPLES)
+        self._step_period: float | None = None
 
     # -- public API (the transport's) -------------------------------------------------------------
     def deferral_seconds(self, header: str | None) -> float:
         """How long a request may wait, from its ``X-Llmco2-Deferrable`` header; ValueError when malformed."""
         return parse_deferrable(header, self.limits.max_defer_seconds)
 
-    async def shape_and_forecast(self, body: Any, chat: bool) -> tuple[RequestShape, RequestForecast]:
-        """Read a parsed completions/chat body and forecast it; RequestShapeError when it cannot be read."""
-        return await self._run(self._shape_and_forecast, body, chat)
+    async def shape_and_forecast(
+        self, body: Any, chat: bool, ticket: int | None = None
+    ) -> tuple[RequestShape, RequestForecast]:
+        """Read a parsed completions/chat body and forecast it; RequestShapeError when it cannot be read.
+
+        With the ``ticket`` of ``request_arrived``, later forecasts expect this request to run about its
+        expected output length beside them (until ``request_finished``)."""
+        # Copied here, on the event loop that changes it; the forecast runs on the worker thread.
+        running = tuple(self._running.values())
+        shape, forecast = await self._run(self._shape_and_forecast, body, chat, True, running)
+        if ticket is not None:
+            self._running[ticket] = (self.clock(), forecast.output_tokens.expected, forecast.parts)
+        return shape, forecast
 
     async def estimate(self, body: Any) -> dict[str, Any]:
         """``POST /v1/carbon/estimate``: a forecast and what admission would decide now, without running."""
@@ -151,7 +169,9 @@ class CarbonService:
             "admission_if_deferrable": deferrable.to_json(),
         }
 
-    async def admit(self, forecast: RequestForecast, wait_seconds: float) -> tuple[AdmissionDecision, float]:
+    async def admit(
+        self, forecast: RequestForecast, wait_seconds: float, ticket: int | None = None
+    ) -> tuple[AdmissionDecision, float]:
         """Decide, waiting in the waiting line while a deferrable request is deferred; returns the decision and the wait."""
         if not self.limits.active:
             self.metrics.decision(ADMITTED, "none")
@@ -177,14 +197,17 @@ class CarbonService:
                 deferred_by = decision.policy
                 self.metrics.decision(DEFERRED, deferred_by)
                 self.metrics.waiting.inc()
-                ticket = line.join()
+                place = line.join()
                 self._in_flight -= 1  # waiting, it shares no batch
+                running = self._running.pop(ticket, None)  # type: ignore[arg-type]
                 try:
-                    decision, released_by = await self._wait_in_line(ticket, grams, deadline)
+                    decision, released_by = await self._wait_in_line(place, grams, deadline)
                 finally:
-                    line.leave(ticket)
+                    line.leave(place)
                     self.metrics.waiting.dec()
                     self._in_flight += 1
+                    if running is not None:
+                        self._running[ticket] = (self.clock(), *running[1:])  # type: ignore[index]
         waited = self.clock() - started
         if decision.decision == ADMITTED and deferred_by is not None:
             self.metrics.released.labels(model_name=self.model_name, reason=released_by).inc()
@@ -193,6 +216,8 @@ class CarbonService:
         self.metrics.decision(decision.decision, decision.policy)
         if decision.decision == ADMITTED:
             self._spent_since_read += grams
+        else:
+            self._running.pop(ticket, None)  # type: ignore[arg-type]  # it will not run
         logger.log(
             logging.INFO if decision.decision == REJECTED or deferred_by else logging.DEBUG,
             "llmco2: %s by %s policy (%s); forecast %.6g gCO2e, waited %.1f s",
@@ -225,12 +250,22 @@ class CarbonService:
                 pause = _DEFER_POLL_SECONDS
             await asyncio.sleep(max(0.01, min(pause, deadline - self.clock())))
 
-    def request_arrived(self) -> None:
-        """A request reached the server (the transport calls ``request_finished`` when its response ends)."""
+    def request_arrived(self) -> int:
+        """A request reached the server: its ticket (the transport calls ``request_finished`` with it when
+        its response ends)."""
         self._in_flight += 1
+        self._last_ticket += 1
+        return self._last_ticket
 
-    def request_finished(self) -> None:
+    def request_finished(self, ticket: int | None = None) -> None:
         self._in_flight = max(0, self._in_flight - 1)
+        running = self._running.pop(ticket, None)  # type: ignore[arg-type]
+        if running is not None and running[1] > 0:
+            # Its wall seconds per expected step, queueing and the server's own overheads included:
+            # how fast the requests running beside a new one progress.
+            samples = self._seconds_per_step
+            samples.append((self.clock() - running[0]) / running[1])
+            self._step_period = sorted(samples)[len(samples) // 2]
 
     def body_not_forecast(self, reason: str) -> None:
         """Count a request passed to vLLM without a forecast (``body_too_large``, ``unreadable``)."""
@@ -307,10 +342,18 @@ class CarbonService:
             self.metrics.set_forecast_quality(learner.error_ratio, learner.interval_coverage, learner.scored_requests)
         return learner
 
-    def _forecast_shape(self, shape: RequestShape, arrived: bool = True) -> RequestForecast:
-        """``arrived``: the request is one of this server's requests in flight (an estimate is not)."""
+    def _forecast_shape(
+        self, shape: RequestShape, arrived: bool = True, running: tuple[tuple[float, int, int], ...] = ()
+    ) -> RequestForecast:
+        """``arrived``: the request is one of this server's requests in flight (an estimate is not);
+        ``running``: this server's requests running now (``request_sent``)."""
         engine = self._engine()
         error = engine.get("calibrated_error")
+        period, now = self._step_period, self.clock()
+        # Steps each running request has left: its expected steps less those the wall seconds per step
+        # of recent requests say it has run (before any finished: as if it had just started).
+        left = [(steps - (now - since) / period if period else float(steps), parts) for since, steps, parts in running]
+        mean = engine["mean_running_requests"]
         return self.forecaster.forecast(
             prompt_tokens=shape.prompt_tokens,
             max_tokens=shape.max_tokens,
@@ -327,6 +370,8 @@ class CarbonService:
             learner=self._learner(),
             step_token_budget=engine.get("step_token_budget"),
             runs_to_max_tokens=shape.runs_to_max_tokens,
+            busy_batch=float(mean) if mean is not None else None,
+            running=left,
         )
 
     @staticmethod
@@ -339,9 +384,11 @@ class CarbonService:
             return now or None
         return max(now, min(float(mean), now + parts)) or None
 
-    def _shape_and_forecast(self, body: Any, chat: bool, arrived: bool = True) -> tuple[RequestShape, RequestForecast]:
+    def _shape_and_forecast(
+        self, body: Any, chat: bool, arrived: bool = True, running: tuple[tuple[float, int, int], ...] = ()
+    ) -> tuple[RequestShape, RequestForecast]:
         shape = request_shape(body, chat, self.tokenizer, self.max_model_len)
-        return shape, self._forecast_shape(shape, arrived)
+        return shape, self._forecast_shape(shape, arrived, running)
 
     def _budget_view(self) -> tuple[float, float | None]:
         """(grams spent in the window, age of its oldest spend) — store read at most once a second."""
