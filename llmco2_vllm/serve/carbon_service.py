@@ -132,7 +132,7 @@ class CarbonService:
         self._last_ticket = 0
         # Requests forecast here and not finished, for how soon they leave the batch later requests join:
         # ticket -> (forecast at, expected steps, parts), and the wall seconds per step recent ones took.
-        self._running: dict[int, tuple[float, int, int]] = {}
+        self._running: dict[int | None, tuple[float, int, int]] = {}
         self._seconds_per_step: deque[float] = deque(maxlen=_STEP_SAMPLES)
         self._step_period: float | None = None
 
@@ -199,7 +199,7 @@ class CarbonService:
                 self.metrics.waiting.inc()
                 place = line.join()
                 self._in_flight -= 1  # waiting, it shares no batch
-                running = self._running.pop(ticket, None)  # type: ignore[arg-type]
+                running = self._running.pop(ticket, None)
                 try:
                     decision, released_by = await self._wait_in_line(place, grams, deadline)
                 finally:
@@ -207,7 +207,7 @@ class CarbonService:
                     self.metrics.waiting.dec()
                     self._in_flight += 1
                     if running is not None:
-                        self._running[ticket] = (self.clock(), *running[1:])  # type: ignore[index]
+                        self._running[ticket] = (self.clock(), *running[1:])
         waited = self.clock() - started
         if decision.decision == ADMITTED and deferred_by is not None:
             self.metrics.released.labels(model_name=self.model_name, reason=released_by).inc()
@@ -217,7 +217,7 @@ class CarbonService:
         if decision.decision == ADMITTED:
             self._spent_since_read += grams
         else:
-            self._running.pop(ticket, None)  # type: ignore[arg-type]  # it will not run
+            self._running.pop(ticket, None)  # it will not run
         logger.log(
             logging.INFO if decision.decision == REJECTED or deferred_by else logging.DEBUG,
             "llmco2: %s by %s policy (%s); forecast %.6g gCO2e, waited %.1f s",
@@ -259,7 +259,7 @@ class CarbonService:
 
     def request_finished(self, ticket: int | None = None) -> None:
         self._in_flight = max(0, self._in_flight - 1)
-        running = self._running.pop(ticket, None)  # type: ignore[arg-type]
+        running = self._running.pop(ticket, None)
         if running is not None and running[1] > 0:
             # Its wall seconds per expected step, queueing and the server's own overheads included:
             # how fast the requests running beside a new one progress.
@@ -346,7 +346,7 @@ class CarbonService:
         self, shape: RequestShape, arrived: bool = True, running: tuple[tuple[float, int, int], ...] = ()
     ) -> RequestForecast:
         """``arrived``: the request is one of this server's requests in flight (an estimate is not);
-        ``running``: this server's requests running now (``request_sent``)."""
+        ``running``: this server's requests forecast and not finished (``shape_and_forecast`` with a ticket)."""
         engine = self._engine()
         error = engine.get("calibrated_error")
         period, now = self._step_period, self.clock()
