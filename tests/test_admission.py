@@ -491,26 +491,30 @@ def test_forecast_batch_follows_the_engine_but_forgets_load_that_has_gone(tmp_pa
 
 def test_prior_interval_spans_the_batch_over_the_request_life():
     """Before outcomes are learned, the interval holds the batch changing while the request runs:
-    its high end the batch left if the running requests end as expected (none arriving), its low
-    end the batch the engine ran recently. The point stays at the batch it joins."""
+    its high end the batch left if the running requests end as expected (none arriving; those of
+    which nothing is known at once), its low end the batch the engine ran recently. The point stays
+    at the batch it joins."""
     forecaster = _forecaster()  # output length known (ignore_eos), model error 0: the batch alone widens it
-    steady = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True)
-    # Seven others with 100+ steps left outlive it: nothing leaves, the interval is the point's.
-    outliving = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True, running=[(150.0, 1)] * 7)
-    assert (outliving.energy_j_low, outliving.energy_j, outliving.energy_j_high) == pytest.approx(
-        (steady.energy_j_low, steady.energy_j, steady.energy_j_high)
-    )
+
+    def forecast(**kwargs):
+        return forecaster.forecast(500, 100, 400.0, relative_error=0.0, runs_to_max_tokens=True, **kwargs)
+
+    alone = forecast()
+    # Seven others with 100+ steps left outlive it: the interval is the point.
+    outliving = forecast(running_requests=7, running=[(150.0, 1)] * 7)
+    assert outliving.energy_j_low == outliving.energy_j == outliving.energy_j_high < alone.energy_j / 4
     # The seven end within 10 steps of its 100: for 90 % of its life it is nearly alone.
-    ending = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True, running=[(10.0, 1)] * 7)
-    assert ending.energy_j == pytest.approx(steady.energy_j)
-    nearly_alone = forecaster.forecast(500, 100, 400.0, running_requests=0, mean_running_requests=1.7, relative_error=0.0, runs_to_max_tokens=True)
-    assert ending.energy_j_high == pytest.approx(nearly_alone.energy_j)
-    assert ending.grams_co2e_high > steady.grams_co2e_high
+    ending = forecast(running_requests=7, running=[(10.0, 1)] * 7)
+    assert ending.energy_j == outliving.energy_j
+    assert ending.energy_j_high == pytest.approx(forecast(mean_running_requests=1.7).energy_j)
+    assert ending.grams_co2e_high > outliving.grams_co2e_high
+    # Nothing known of how long the seven run (the engine's count): the high end is priced alone.
+    unknown = forecast(running_requests=7)
+    assert unknown.energy_j == outliving.energy_j and unknown.energy_j_high == pytest.approx(alone.energy_j)
     # The engine ran 32 at a time a moment ago: load that may return prices the low end.
-    busy = forecaster.forecast(500, 100, 400.0, running_requests=7, relative_error=0.0, runs_to_max_tokens=True, busy_batch=32.0)
-    assert busy.energy_j == pytest.approx(steady.energy_j)
-    assert busy.energy_j_low == pytest.approx(forecaster.forecast(500, 100, 400.0, running_requests=31, runs_to_max_tokens=True).energy_j)
-    assert busy.energy_j_high == pytest.approx(steady.energy_j_high)
+    busy = forecast(running_requests=7, running=[(150.0, 1)] * 7, busy_batch=32.0)
+    assert busy.energy_j == outliving.energy_j and busy.energy_j_high == outliving.energy_j_high
+    assert busy.energy_j_low == pytest.approx(forecast(running_requests=31).energy_j)
 
 
 def test_service_expects_running_requests_to_leave_by_their_expected_length(tmp_path):
@@ -546,8 +550,9 @@ def test_service_expects_running_requests_to_leave_by_their_expected_length(tmp_
     # The long one has run 10 of its 200 steps; a new one of 20 steps expects it to outlive it.
     newcomer = service.request_arrived()
     beside = forecast(20, newcomer)
-    outliving = service.forecaster.forecast(100, 20, 400.0, runs_to_max_tokens=True, running_requests=1)
+    outliving = service.forecaster.forecast(100, 20, 400.0, runs_to_max_tokens=True, running_requests=1, running=[(190.0, 1)])
     assert beside.energy_j_high == pytest.approx(outliving.energy_j_high)
+    assert beside.energy_j_high < service.forecaster.forecast(100, 20, 400.0, runs_to_max_tokens=True, running_requests=1).energy_j_high
     clock[0] += 17.0  # the long one has 20 steps left (half of a 40-step life), the newcomer none
     last = service.request_arrived()
     late = forecast(40, last)

@@ -276,11 +276,12 @@ def _band_name(length: int | None, batch: int, output_tokens_source: str) -> str
 
 
 def batch_if_none_arrive(batch: float, parts: int, steps: int, running: Sequence[tuple[float, int]]) -> float:
-    """The mean batch over a request's ``steps`` if the ``running`` requests (``(steps left, parts)``, part of
-    ``batch``) end as expected and none arrive in their place: requests running now that end during its
-    life leave it a smaller batch for the rest."""
-    leaving = sum(p * (1.0 - min(max(left, 0.0), steps) / steps) for left, p in running)
-    return max(float(parts), batch - leaving)
+    """The mean batch over a request's ``steps`` if the ``running`` requests (``(steps left, parts)``) end as
+    expected and none arrive in their place: requests running now that end during its life leave it a
+    smaller batch for the rest. The rest of ``batch`` (requests of which nothing is known: the engine's
+    count of another API server's, or of ones that just finished) is taken to leave at once."""
+    staying = sum(p * min(max(left, 0.0), steps) / steps for left, p in running)
+    return max(float(parts), min(batch, parts + staying))
 
 
 @dataclass(frozen=True)

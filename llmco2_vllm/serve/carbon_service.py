@@ -353,6 +353,8 @@ class CarbonService:
         # Steps each running request has left: its expected steps less those the wall seconds per step
         # of recent requests say it has run (before any finished: as if it had just started).
         left = [(steps - (now - since) / period if period else float(steps), parts) for since, steps, parts in running]
+        # Requests that arrived with it and are still being forecast: their length is not known yet, they stay.
+        left += [(math.inf, 1)] * max(0, self._in_flight - arrived - len(running))
         mean = engine["mean_running_requests"]
         return self.forecaster.forecast(
             prompt_tokens=shape.prompt_tokens,
