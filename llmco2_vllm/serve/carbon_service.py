@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import threading
 import time
 from collections import deque
 from typing import Any, Callable
@@ -133,6 +134,7 @@ class CarbonService:
         # Requests forecast here and not finished, for how soon they leave the batch later requests join:
         # ticket -> (forecast at, expected steps, parts), and the wall seconds per step recent ones took.
         self._running: dict[int | None, tuple[float, int, int]] = {}
+        self._running_lock = threading.Lock()  # registered on the worker thread, removed on the event loop
         self._seconds_per_step: deque[float] = deque(maxlen=_STEP_SAMPLES)
         self._step_period: float | None = None
 
@@ -148,12 +150,7 @@ class CarbonService:
 
         With the ``ticket`` of ``request_arrived``, later forecasts expect this request to run about its
         expected output length beside them (until ``request_finished``)."""
-        # Copied here, on the event loop that changes it; the forecast runs on the worker thread.
-        running = tuple(self._running.values())
-        shape, forecast = await self._run(self._shape_and_forecast, body, chat, True, running)
-        if ticket is not None:
-            self._running[ticket] = (self.clock(), forecast.output_tokens.expected, forecast.parts)
-        return shape, forecast
+        return await self._run(self._shape_and_forecast, body, chat, True, ticket)
 
     async def estimate(self, body: Any) -> dict[str, Any]:
         """``POST /v1/carbon/estimate``: a forecast and what admission would decide now, without running."""
@@ -199,7 +196,8 @@ class CarbonService:
                 self.metrics.waiting.inc()
                 place = line.join()
                 self._in_flight -= 1  # waiting, it shares no batch
-                running = self._running.pop(ticket, None)
+                with self._running_lock:
+                    running = self._running.pop(ticket, None)
                 try:
                     decision, released_by = await self._wait_in_line(place, grams, deadline)
                 finally:
@@ -207,7 +205,8 @@ class CarbonService:
                     self.metrics.waiting.dec()
                     self._in_flight += 1
                     if running is not None:
-                        self._running[ticket] = (self.clock(), *running[1:])
+                        with self._running_lock:
+                            self._running[ticket] = (self.clock(), *running[1:])
         waited = self.clock() - started
         if decision.decision == ADMITTED and deferred_by is not None:
             self.metrics.released.labels(model_name=self.model_name, reason=released_by).inc()
@@ -217,7 +216,8 @@ class CarbonService:
         if decision.decision == ADMITTED:
             self._spent_since_read += grams
         else:
-            self._running.pop(ticket, None)  # it will not run
+            with self._running_lock:
+                self._running.pop(ticket, None)  # it will not run
         logger.log(
             logging.INFO if decision.decision == REJECTED or deferred_by else logging.DEBUG,
             "llmco2: %s by %s policy (%s); forecast %.6g gCO2e, waited %.1f s",
@@ -259,7 +259,8 @@ class CarbonService:
 
     def request_finished(self, ticket: int | None = None) -> None:
         self._in_flight = max(0, self._in_flight - 1)
-        running = self._running.pop(ticket, None)
+        with self._running_lock:
+            running = self._running.pop(ticket, None)
         if running is not None and running[1] > 0:
             # Its wall seconds per expected step, queueing and the server's own overheads included:
             # how fast the requests running beside a new one progress.
@@ -387,10 +388,17 @@ class CarbonService:
         return max(now, min(float(mean), now + parts)) or None
 
     def _shape_and_forecast(
-        self, body: Any, chat: bool, arrived: bool = True, running: tuple[tuple[float, int, int], ...] = ()
+        self, body: Any, chat: bool, arrived: bool = True, ticket: int | None = None
     ) -> tuple[RequestShape, RequestForecast]:
         shape = request_shape(body, chat, self.tokenizer, self.max_model_len)
-        return shape, self._forecast_shape(shape, arrived, running)
+        # Here, on the one worker thread, so that requests arriving together see each other's lengths.
+        with self._running_lock:
+            running = tuple(self._running.values())
+        forecast = self._forecast_shape(shape, arrived, running)
+        if ticket is not None:
+            with self._running_lock:
+                self._running[ticket] = (self.clock(), forecast.output_tokens.expected, forecast.parts)
+        return shape, forecast
 
     def _budget_view(self) -> tuple[float, float | None]:
         """(grams spent in the window, age of its oldest spend) — store read at most once a second."""
