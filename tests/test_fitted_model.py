@@ -193,9 +193,12 @@ def test_unknown_software_uses_the_newest_measured_version() -> None:
 
 
 def test_shipped_model_is_the_fit_on_every_row() -> None:
-    """`llmco2 eval` writes the shipped parameters: a refit on the packaged rows reproduces them."""
+    """`llmco2 eval` writes the shipped parameters: a refit on the packaged rows, with the prior
+    strength its leave-one-model-out chose (in the model's notes), reproduces them."""
     data = EvaluationData.load()
-    refit = fitted.fit(data.rows)
+    strength = shipped_model().notes["prior_strength"]
+    assert strength in fitted.PRIOR_STRENGTHS
+    refit = fitted.fit(data.rows, strength)
     for name, value in shipped_model().parameters.items():
         assert refit.parameters[name] == pytest.approx(value, rel=1e-3), name
     low, middle, high = shipped_model().energy_log_quantiles

@@ -25,7 +25,8 @@ idle power where there is one, else a learned fraction of TDP. Energy = power x 
 Fitting (``fit``): log residuals of measured step time, then, with the time parameters fixed, of
 measured power and of measured energy (power x the fitted time: the quantity a prediction
 multiplies out, so that the power terms also learn what the time terms systematically miss), half
-weight each; plus a pull of every parameter toward a physical prior (a ridge in log space), within
+weight each; plus a pull of every parameter toward a physical prior (a ridge in log space, its
+weight ``prior_strength`` chosen by inner cross validation among ``PRIOR_STRENGTHS``), within
 physical bounds; SciPy's ``least_squares`` (only fitting needs SciPy; prediction needs NumPy alone).
 A measured serving row is the mean of its steps, not one mean step: prompts join whole, so most
 steps only decode and a few also prefill a prompt (``StepTerms.serving_steps``), and what is not
@@ -308,8 +309,13 @@ class FitRow:
 
 _HALF = math.sqrt(0.5)
 
+#: Candidate weights of the pull toward the physical priors (``fit``), one chosen by inner cross
+#: validation (``serving_evaluation.select_prior_strength``); the shipped model's choice is in its notes.
+PRIOR_STRENGTHS = (0.03, 0.1, 0.3, 1.0)
+DEFAULT_PRIOR_STRENGTH = 1.0
 
-def fit(rows: Sequence[FitRow], prior_strength: float = 1.0) -> FittedModel:
+
+def fit(rows: Sequence[FitRow], prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> FittedModel:
     """Fit time parameters on the rows' step times, then power parameters on their power and, given
     the fitted time, their energy (half each). A row with several steps (``FitRow.steps``) is
     predicted as their mean: time weighted by their shares, power by their time."""

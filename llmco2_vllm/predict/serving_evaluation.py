@@ -16,7 +16,9 @@ in every fold like the fitted model.
 
 Intervals: the fitted model's point is its median, debiased, and its 80 % interval comes from the
 10/50/90 % quantiles of log(measured / predicted) energy in an inner leave-one-model-out cross
-validation on the training rows only (nested), so the held-out rows never inform it.
+validation on the training rows only (nested), so the held-out rows never inform it. The same
+inner cross validation chooses how hard the fit pulls toward its physical priors
+(``select_prior_strength``): the candidate whose inner fits predict held-out models best.
 """
 
 from __future__ import annotations
@@ -110,36 +112,69 @@ def _predict(model: fitted.FittedModel, data: EvaluationData, ids: Sequence[int]
     return fitted.predict_serving(model, [data.rows[i] for i in ids], [data.measurements[i] for i in ids])
 
 
+def _inner_residuals(
+    data: EvaluationData, ids: Sequence[int], folds: int, dataset: str | None, prior_strength: float
+) -> np.ndarray:
+    """log(measured / predicted) energy of the rows of ``ids``, each predicted by a model fitted
+    without its model's rows (``folds`` groups of models); with ``dataset``, only that dataset's
+    rows' residuals (when there are at least ``MIN_INTERVAL_ROWS``)."""
+    residuals, own = [], []
+    for held in _groups(data, ids, folds):
+        held_set = set(held)
+        model = fitted.fit([data.rows[i] for i in ids if i not in held_set], prior_strength)
+        predicted = _predict(model, data, held)["energy_per_request_j"]
+        values = np.log(data.energy[held] / predicted)
+        residuals.extend(values)
+        own.extend(v for i, v in zip(held, values) if data.measurements[i].dataset == dataset)
+    return np.array(own if len(own) >= MIN_INTERVAL_ROWS else residuals)
+
+
 def residual_quantiles(
-    data: EvaluationData, ids: Sequence[int], folds: int = INNER_FOLDS, dataset: str | None = None
+    data: EvaluationData, ids: Sequence[int], folds: int = INNER_FOLDS, dataset: str | None = None,
+    prior_strength: float = fitted.DEFAULT_PRIOR_STRENGTH,
 ) -> tuple[float, float, float]:
     """Quantiles (INTERVAL) of log(measured / predicted) energy, each row predicted without its model.
 
     With ``dataset``, only that dataset's rows' residuals count (when there are at least
     ``MIN_INTERVAL_ROWS``): the error band of the software the predictions are for.
     """
-    residuals, own = [], []
-    for held in _groups(data, ids, folds):
-        held_set = set(held)
-        model = fitted.fit([data.rows[i] for i in ids if i not in held_set])
-        predicted = _predict(model, data, held)["energy_per_request_j"]
-        values = np.log(data.energy[held] / predicted)
-        residuals.extend(values)
-        own.extend(v for i, v in zip(held, values) if data.measurements[i].dataset == dataset)
-    chosen = own if len(own) >= MIN_INTERVAL_ROWS else residuals
-    return tuple(float(q) for q in np.quantile(chosen, INTERVAL))  # type: ignore[return-value]
+    residuals = _inner_residuals(data, ids, folds, dataset, prior_strength)
+    return tuple(float(q) for q in np.quantile(residuals, INTERVAL))  # type: ignore[return-value]
+
+
+def select_prior_strength(
+    data: EvaluationData, ids: Sequence[int], folds: int = INNER_FOLDS, dataset: str | None = None
+) -> tuple[float, tuple[float, float, float], dict[float, float]]:
+    """The prior strength (``fitted.PRIOR_STRENGTHS``) whose fits predict held-out models best, by an
+    inner leave-models-out cross validation on ``ids`` alone; with the residual quantiles of that
+    choice (the interval) and each candidate's inner MAPE (% of the debiased energy).
+
+    How hard the fit pulls toward the physical priors is a property of how much the training rows
+    say, not of physics: chosen on the training rows only (nested), so held-out rows never inform it.
+    """
+    scores: dict[float, float] = {}
+    quantiles: dict[float, tuple[float, float, float]] = {}
+    for strength in fitted.PRIOR_STRENGTHS:
+        residuals = _inner_residuals(data, ids, folds, dataset, strength)
+        low, middle, high = (float(q) for q in np.quantile(residuals, INTERVAL))
+        scores[strength] = 100 * float(np.mean(np.abs(np.exp(middle - residuals) - 1)))
+        quantiles[strength] = (low, middle, high)
+    best = min(scores, key=lambda strength: (scores[strength], -strength))
+    return best, quantiles[best], scores
 
 
 def fitted_learner(data: EvaluationData, train: Sequence[int], test: Sequence[int], interval: bool = True) -> dict[str, np.ndarray]:
-    model = fitted.fit([data.rows[i] for i in train])
-    predicted = _predict(model, data, test)
     datasets = [data.measurements[i].dataset for i in test]
-    low, middle, high = (
-        residual_quantiles(data, train, dataset=max(set(datasets), key=datasets.count)) if interval else (math.nan, 0.0, math.nan)
-    )
+    if interval:
+        strength, (low, middle, high), _ = select_prior_strength(data, train, dataset=max(set(datasets), key=datasets.count))
+    else:
+        strength, (low, middle, high) = fitted.DEFAULT_PRIOR_STRENGTH, (math.nan, 0.0, math.nan)
+    model = fitted.fit([data.rows[i] for i in train], strength)
+    predicted = _predict(model, data, test)
     raw = predicted["energy_per_request_j"]
     return {"energy": raw * math.exp(middle), "low": raw * math.exp(low), "high": raw * math.exp(high),
-            "seconds": predicted["step_seconds"], "power": predicted["power_watts"]}  # fmt: skip
+            "seconds": predicted["step_seconds"], "power": predicted["power_watts"],
+            "prior_strength": np.full(len(test), strength)}  # fmt: skip
 
 
 def kernel_gnn_learner(data: EvaluationData, train: Sequence[int], test: Sequence[int]) -> dict[str, np.ndarray]:
@@ -260,10 +295,12 @@ def run_scheme(data: EvaluationData, scheme: Scheme, learners: dict[str, Learner
         for name, learner in learners.items():
             start = time.perf_counter()
             predicted = learner(data, train, test)
+            strength = predicted.pop("prior_strength", None)
             for key, values in predicted.items():
                 out[name][key][test] = values
+            chosen = f", prior strength {strength[0]:g}" if strength is not None and len(strength) else ""
             log.append(f"{scheme.name} | {label} | {name}: train {len(train)}, test {len(test)}, "
-                       f"{time.perf_counter() - start:.1f} s")
+                       f"{time.perf_counter() - start:.1f} s{chosen}")
         if progress is not None:
             progress.update(1)
     return out
@@ -343,13 +380,19 @@ def evaluate(out_dir: str | Path, quick: bool = False) -> dict[str, Any]:
 def fit_shipped(data: EvaluationData, interval: bool = True) -> fitted.FittedModel:
     """The model fitted on every row, with its error band from leave-one-model-out over every model."""
     everything = list(range(len(data.rows)))
-    model = fitted.fit(data.rows)
+    strength, quantiles, scores = fitted.DEFAULT_PRIOR_STRENGTH, None, {}
     if interval:
+        # The prior strength by leave-one-model-out over every model, and the band of its choice.
         # The plugin predicts for current vLLM: the band of the newest measured version's rows.
-        model.energy_log_quantiles = residual_quantiles(
+        strength, quantiles, scores = select_prior_strength(
             data, everything, folds=len({m.model for m in data.measurements}), dataset="mlenergy_v3"
         )
+    model = fitted.fit(data.rows, strength)
+    if quantiles is not None:
+        model.energy_log_quantiles = quantiles
     model.notes = {
+        "prior_strength": strength,
+        "prior_strength_inner_mape": {f"{k:g}": round(v, 2) for k, v in scores.items()},
         "rows": len(everything),
         "datasets": sorted({m.dataset for m in data.measurements}),
         "assumed_prompt_tokens": ASSUMED_PROMPT_TOKENS,
@@ -359,14 +402,14 @@ def fit_shipped(data: EvaluationData, interval: bool = True) -> fitted.FittedMod
 
 
 def prompt_sensitivity(lomo: Scheme) -> list[tuple[float, dict[str, float]]]:
-    """Leave-one-model-out energy error of the fitted model (no interval) with every assumed prompt scaled."""
+    """Leave-one-model-out energy error of the fitted model (as in the headline: prior strength and
+    debiasing by inner cross validation) with every assumed prompt scaled."""
     rows = []
     for scale in (0.5, 1.0, 2.0):
         data = EvaluationData.load(prompt_scale=scale)
         predicted = np.full(len(data.rows), np.nan)
         for _, train, test in lomo.folds:
-            model = fitted.fit([data.rows[i] for i in train])
-            predicted[test] = _predict(model, data, test)["energy_per_request_j"]
+            predicted[test] = fitted_learner(data, train, test)["energy"]
         test = lomo.test
         rows.append((scale, metrics(predicted[test], data.energy[test])))
     return rows
@@ -485,7 +528,11 @@ def _report(data, all_schemes, results, fixed, summary, shipped, sensitivity_row
         "",
         f"Energy error band from leave-one-model-out over all {len({m.model for m in data.measurements})} models: "
         f"log(measured/predicted) quantiles 10/50/90 % = {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} "
-        f"(x{math.exp(q[0]):.2f} / x{math.exp(q[1]):.2f} / x{math.exp(q[2]):.2f}).",
+        f"(x{math.exp(q[0]):.2f} / x{math.exp(q[1]):.2f} / x{math.exp(q[2]):.2f}). "
+        f"Prior strength {shipped.notes.get('prior_strength', fitted.DEFAULT_PRIOR_STRENGTH):g}, chosen by the same "
+        "leave-one-model-out (inner MAPE % of each candidate: "
+        + (", ".join(f"{k} {v}" for k, v in shipped.notes.get("prior_strength_inner_mape", {}).items()) or "not run")
+        + "); the prior strength chosen in each fold of the schemes above is in the fold log.",
         "",
         "| parameter | value |",
         "| --- | ---: |",
