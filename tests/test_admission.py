@@ -562,3 +562,19 @@ def test_service_expects_running_requests_to_leave_by_their_expected_length(tmp_
     for finished in (ticket, newcomer, last):
         service.request_finished(finished)
     assert service._running == {} and service._in_flight == 0
+
+
+def test_sole_api_server_trusts_its_own_count_over_a_stale_engine_count(tmp_path):
+    """One API server in front of one engine sees every request: an engine count above its own
+    requests in flight is a publish old (the worker lags on a busy host), not load."""
+
+    def batch(sees_every_request: bool) -> float:
+        service = CarbonService(Settings(), _forecaster(), RequestResultStore.in_directory(tmp_path), _static(400.0),
+                                "llama", 4096, sees_every_request=sees_every_request)  # fmt: skip
+        service._in_flight = 2  # this request and one other
+        service._engine_state = (float("inf"), {"running_requests": 8, "mean_running_requests": 8.0,
+                                                "prefill_scale": 1.0, "decode_scale": 1.0})  # fmt: skip
+        return asyncio.run(service.shape_and_forecast({"prompt_tokens": 100, "max_tokens": 8}, chat=False))[1].concurrent_requests
+
+    assert batch(False) == 8.0  # other API servers' requests may be running there
+    assert batch(True) == 2.0

@@ -291,7 +291,14 @@ def build_carbon_service(engine_client: Any) -> CarbonService | None:
         deployment.model_name,
         int(vllm_config.model_config.max_model_len),
         _tokenizer(engine_client),
+        sees_every_request=_api_servers(vllm_config) == 1 and vllm_config.parallel_config.data_parallel_size == 1,
     )
+
+
+def _api_servers(vllm_config: Any) -> int | None:
+    """vLLM's ``--api-server-count`` (None: this vLLM does not say)."""
+    count = getattr(vllm_config.parallel_config, "_api_process_count", None)
+    return count if isinstance(count, int) else None
 
 
 def _tokenizer(engine_client: Any) -> Any:

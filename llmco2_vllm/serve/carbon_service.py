@@ -111,8 +111,12 @@ class CarbonService:
         max_model_len: int,
         tokenizer: Any = None,
         clock: Callable[[], float] = time.time,
+        sees_every_request: bool = False,
     ) -> None:
+        """``sees_every_request``: this is the only API server in front of the only engine (its requests
+        in flight are then all the engine runs)."""
         self.settings = settings
+        self.sees_every_request = sees_every_request
         self.forecaster = forecaster
         self.store = store
         self.intensity = intensity
@@ -356,7 +360,10 @@ class CarbonService:
         left = [(steps - (now - since) / period if period else float(steps), parts) for since, steps, parts in running]
         # Requests that arrived with it and are still being forecast: their length is not known yet, they stay.
         left += [(math.inf, 1)] * max(0, self._in_flight - arrived - len(running))
-        mean = engine["mean_running_requests"]
+        mean, engine_now = engine["mean_running_requests"], float(engine["running_requests"])
+        if self.sees_every_request:
+            # The engine's count is a publish old (seconds when the host is busy); this server's is exact.
+            engine_now = min(engine_now, float(max(0, self._in_flight - arrived)))
         return self.forecaster.forecast(
             prompt_tokens=shape.prompt_tokens,
             max_tokens=shape.max_tokens,
@@ -369,7 +376,7 @@ class CarbonService:
             running_requests=max(0, self._in_flight - arrived),
             scales=(engine["prefill_scale"], engine["decode_scale"]),
             relative_error=error if isinstance(error, (int, float)) and math.isfinite(error) else None,
-            mean_running_requests=self._recent_batch(engine, shape.parts),
+            mean_running_requests=self._recent_batch(mean, engine_now, shape.parts),
             learner=self._learner(),
             step_token_budget=engine.get("step_token_budget"),
             runs_to_max_tokens=shape.runs_to_max_tokens,
@@ -378,11 +385,10 @@ class CarbonService:
         )
 
     @staticmethod
-    def _recent_batch(engine: dict[str, Any], parts: int) -> float | None:
+    def _recent_batch(mean: float | None, now: float, parts: int) -> float | None:
         """The engine's recent mean running batch, but at most what runs now plus this request (the
         mean remembers load that has gone: after a busier phase, or idle time it does not sample),
         and at least what runs now (load that is rising)."""
-        mean, now = engine["mean_running_requests"], float(engine["running_requests"])
         if mean is None:
             return now or None
         return max(now, min(float(mean), now + parts)) or None
