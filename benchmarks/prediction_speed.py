@@ -150,8 +150,9 @@ def main() -> int:
         "## Request forecast (API server, once per request; target <= 200 µs p99)",
         "",
         "A forecast prices the request at the expected, low and high output lengths (the expected alone once outcomes "
-        "taught a correction), at the engine's (fractional) mean running batch: up to three static batches, evaluated "
-        "by `FittedPredictor.static_batches` in one array pass. Timed here without outcomes: the worst case.",
+        "taught a correction), each in its (fractional) batch (the expected one; the engine's recent one; the one left "
+        "as running requests end): up to three static batches, evaluated by `FittedPredictor.static_batches` in one "
+        "array pass. Timed here without outcomes: the worst case.",
         "",
         *forecasts,
         "",
