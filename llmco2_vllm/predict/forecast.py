@@ -467,7 +467,7 @@ class RequestForecaster:
         correction = learner.correction(max_tokens, batch, outputs.source) if learner is not None else None
         # A learned correction's measured range already holds the spread of output lengths and of the
         # batch over the request's life: the expected length alone is priced, in the expected batch.
-        priced = {"point": (batch, outputs.expected)}
+        priced = dict.fromkeys(("point", "low", "high"), (batch, outputs.expected))
         if correction is None:
             most = max(batch, busy_batch) if busy_batch is not None and math.isfinite(busy_batch) else batch
             priced["low"] = (most, outputs.low)
@@ -486,7 +486,6 @@ class RequestForecaster:
 
         if correction is not None:
             point, low_factor, high_factor = correction.ratio, correction.ratio_low, correction.ratio_high
-            priced["low"] = priced["high"] = priced["point"]
         else:
             if relative_error is None:
                 ratio_low, ratio_high = self.uncalibrated_ratio_range
