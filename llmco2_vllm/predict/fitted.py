@@ -577,13 +577,15 @@ class FittedPredictor:
         # rows, tokens x context, tokens^2, logit rows, then the sliding-window keys and K/V).
         basis, phase_sums = self.roofline.phase_basis(step)
         total = phase_sums.sum(axis=1).tolist()
-        sequences = float(np.count_nonzero(step.prefill_tokens + step.decode_tokens))
+        n = basis.shape[1] // 2
+        request_tokens = basis[0, :n] + basis[0, n:]  # each request's prefill and decode tokens
+        sequences = float(np.count_nonzero(request_tokens))
         tokens = total[0]
         sums = [sequences, tokens, total[4], total[1] + tokens, 0.0, total[2] + (total[3] + tokens) / 2, 0.0]
         if self.terms.sliding_layers and self.terms.window:
             sums[4], sums[6] = total[6], total[5]
-        self.last_step_sums = array = np.array(sums)
-        step_basis = self.terms.basis(array)
+        step_basis = self.terms.step_basis(sums)
+        self.last_step_sums = step_basis[: len(sums)]
         parts = self.parameters.combine((self._parts_of_basis @ step_basis).tolist())
         t = parts[0]
         e = self.parameters.power_watts(self.gpu, *parts) * self.num_gpus * t * self.median_factor
@@ -596,10 +598,10 @@ class FittedPredictor:
         # fixed costs equally among the scheduled sequences, since none of them depends on how many
         # tokens a sequence scheduled (a sequence with both phases' tokens splits its share by them).
         work_s, work_j = t - fixed_s, e - fixed_j
-        prefill_tokens, decode_tokens = step.prefill_tokens, step.decode_tokens
-        per_token = 1.0 / (np.maximum(prefill_tokens + decode_tokens, 1) * max(sequences, 1.0))
-        per_sequence = prefill_tokens * per_token  # each scheduled sequence's prefill part of 1 / sequences
-        decode_per_sequence = decode_tokens * per_token
+        np.maximum(request_tokens, 1.0, out=request_tokens)
+        request_tokens *= max(sequences, 1.0)
+        per_sequence = basis[0, :n] / request_tokens  # each scheduled sequence's prefill part of 1 / sequences
+        decode_per_sequence = basis[0, n:] / request_tokens
         # The prefill phase's share of the fixed costs, in [0, 1]: its float sum can round just past 1
         # in a prefill-only step, which made the decode phase a tiny negative energy and time (and a
         # counter increment Prometheus refuses).

@@ -111,15 +111,24 @@ FEATURES = 6
 
 def _sliding_keys(context: np.ndarray, tokens: np.ndarray, window: int | None) -> np.ndarray:
     """Sum over the step's query tokens of the number of keys each attends to (causal, optional window)."""
-
-    def keys_up_to(n: np.ndarray) -> np.ndarray:
-        n = n.astype(np.float64)
-        if window is None:
-            return n * (n + 1) / 2
-        w = float(window)
-        return np.where(n <= w, n * (n + 1) / 2, w * (w + 1) / 2 + w * (n - w))
-
-    return keys_up_to(context + tokens) - keys_up_to(context)
+    context = np.asarray(context, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if window is None:  # keys(n) = n (n + 1) / 2, differenced between context and context + tokens
+        return tokens * (2 * context + tokens + 1) / 2
+    # keys(n) = m (m + 1) / 2 + w (n - m) with m = min(n, w): differenced in closed form, where
+    # grown = m(context + tokens) - m(context) keys enter the window and the other tokens see w each.
+    w = float(window)
+    before = np.minimum(context, w)
+    after = np.minimum(context + tokens, w)
+    grown = after - before
+    # grown (after + before + 1) / 2 + w (tokens - grown), in place: the worker runs this every step
+    after += before
+    after += 1.0
+    after *= 0.5
+    after -= w
+    after *= grown
+    after += w * tokens
+    return after
 
 
 class Roofline:
@@ -267,19 +276,22 @@ class Roofline:
         self._sliding_layers = model.num_sliding_window_layers
         self._full_layers = attention_layers - self._sliding_layers
         self._window = int(model.sliding_window or 0)
+        if self.moe_index >= 0:  # (experts, 1 - k / experts, bytes of one expert in all layers, shared bytes)
+            moe_layers = model.num_moe_layers
+            self._moe_constants = (
+                float(model.num_experts),
+                1.0 - model.experts_per_token / model.num_experts,
+                model.expert_params * model.expert_weight_bytes_per_param * moe_layers,
+                model.shared_expert_params_per_layer * model.weight_bytes_per_param * moe_layers,
+            )
 
     def _moe_weight_bytes(self, total_tokens: float) -> float:
         """Expert weights a step reads: the expected distinct experts its tokens route to (uniform
         routing), routed experts in their own dtype (MXFP4 in gpt-oss), shared ones in the linear dtype."""
-        model = self.model
         if self.moe_index < 0 or not total_tokens:
             return 0.0
-        experts, k = model.num_experts, model.experts_per_token
-        touched = experts * (1.0 - (1.0 - k / experts) ** total_tokens)
-        return (
-            touched * model.expert_params * model.expert_weight_bytes_per_param
-            + model.shared_expert_params_per_layer * model.weight_bytes_per_param
-        ) * model.num_moe_layers
+        experts, untouched_per_token, expert_bytes, shared_bytes = self._moe_constants
+        return experts * (1.0 - untouched_per_token**total_tokens) * expert_bytes + shared_bytes
 
     def _op_cost(
         self, index: int, row: tuple, total_tokens: float, key_sum: float, logit_sum: float, kv_sum: float,
@@ -413,7 +425,8 @@ class Roofline:
         if sliding:
             window = self._window
             basis[5] = _sliding_keys(context, tokens, window)
-            np.multiply(np.minimum(context + tokens, window + tokens - 1), working, out=basis[6])
+            np.minimum(context + tokens, tokens + (window - 1), out=basis[6])
+            basis[6] *= working
         if stateful:
             basis[rows - 1] = working
         np.multiply(context, working, out=context)  # row 1 becomes c*(t>0)

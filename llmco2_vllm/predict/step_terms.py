@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -310,9 +311,18 @@ class StepTerms:
         """The sums plus the two quantities terms are not linear in (``BASIS_NAMES``)."""
         tokens = np.asarray(sums[1], dtype=np.float64)
         busy = (tokens > 0).astype(np.float64)
-        # Distinct experts the step's tokens route to (uniform routing), of those this GPU holds.
-        touched = self.local_experts * (1.0 - (1.0 - self.experts_per_token / self.experts) ** tokens) if self.experts else 0.0 * tokens
-        return np.concatenate([np.asarray(sums, dtype=np.float64), busy[None], touched[None]])
+        return np.concatenate([np.asarray(sums, dtype=np.float64), busy[None], self.touched_experts(tokens)[None]])
+
+    def step_basis(self, sums: list[float]) -> np.ndarray:
+        """``basis`` of one step's sums, in plain floats (the plugin worker's per-step path)."""
+        tokens = sums[1]
+        return np.array([*sums, 1.0 if tokens > 0 else 0.0, self.touched_experts(tokens)])
+
+    def touched_experts(self, tokens: Any) -> Any:
+        """Distinct experts a step's tokens route to (uniform routing), of those this GPU holds."""
+        if not self.experts:
+            return 0.0 * tokens
+        return self.local_experts * (1.0 - (1.0 - self.experts_per_token / self.experts) ** tokens)
 
     @functools.cached_property
     def matrix(self) -> np.ndarray:
