@@ -263,6 +263,8 @@ def main() -> int:
             report[name] = summary(rows)
             print(name, json.dumps(report[name]), flush=True)
         report["mixed_after_first_32"] = summary(phases["mixed"][32:])
+        learned = [r for r in phases["mixed_early_stop"] if r["output_tokens_source"] == "learned"]
+        report["mixed_early_stop_learned"] = summary(learned) if learned else None
         samples = parse_metrics(server.metrics_text())
         report["server_forecast_error_ratio"] = metric_sum(samples, "llmco2_forecast_error_ratio")
         report["server_interval_coverage_ratio"] = metric_sum(samples, "llmco2_forecast_interval_coverage_ratio")
@@ -294,10 +296,13 @@ def markdown(report: dict) -> str:
         "mixed": "mixed 8-400 / 8-160, 8 clients (from the first request)",
         "mixed_after_first_32": "the same, after its first 32 requests",
         "mixed_early_stop": f"mixed, output unknown (stop tokens; {report['early_stop_share']:.0%} stopped early)",
+        "mixed_early_stop_learned": "the same, its requests priced with learned output lengths",
         "demo_warm": "`make demo` workload after learning",
     }
     for key, label in names.items():
-        s = report[key]
+        s = report.get(key)
+        if s is None:
+            continue
         lines.append(
             f"| {label} | {s['requests']} | {s['median_ratio']:.2f} | {s['p10_ratio']:.2f}-{s['p90_ratio']:.2f} | "
             f"{s['within_0.8_1.25']:.0%} | {s['interval_coverage']:.0%} | {s['median_interval_width']:.2f} | "

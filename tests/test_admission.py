@@ -115,10 +115,25 @@ def test_store_sums_fanned_out_parts_and_budget_spend(tmp_path):
 def test_output_length_learned_from_recent_requests():
     assert estimate_output_tokens(100, []) == estimate_output_tokens(100, [(50, 100)] * 3)  # too few: max_tokens
     assert estimate_output_tokens(100, []).expected == 100
-    learned = estimate_output_tokens(200, [(n, 100) for n in range(1, 101)])
+    # A hundred requests with max_tokens 100 stopped at 1, 2, ... 99 tokens; the last ran to its limit.
+    history = [(n, 100) for n in range(1, 101)]
+    learned = estimate_output_tokens(200, history)
     assert learned.source == "learned"
-    assert learned.low < learned.expected < learned.high <= 200
-    assert learned.expected == pytest.approx(100, abs=4)  # half of max_tokens, like the history
+    # Where they stop does not grow with max_tokens: 10/50/90 % of them stopped by 10, 50, 90 tokens.
+    assert (learned.low, learned.expected, learned.high) == (10, 50, 90)
+    assert learned.stopped_early_share == pytest.approx(0.99)
+    capped = estimate_output_tokens(40, history)  # a lower limit stops the longer ones at it
+    assert (capped.low, capped.expected, capped.high) == (10, 40, 40)
+    assert capped.stopped_early_share == pytest.approx(0.39)
+    # Those that ran to their limit only say their stop lies beyond it (censored, not stopped there):
+    # half stopped at 10 tokens, half reached a limit of 20, so most of those would run on past 20.
+    censored = estimate_output_tokens(100, [(10, 1000)] * 20 + [(20, 20)] * 20)
+    assert (censored.low, censored.expected, censored.high) == (10, 10, 100)
+    assert censored.stopped_early_share == pytest.approx(0.5)
+    # max_tokens says what kind of request it is: a band with enough history is learned on its own.
+    titles_and_chats = [(12, 32)] * 20 + [(600, 4096)] * 20
+    assert estimate_output_tokens(32, titles_and_chats).expected == 12
+    assert estimate_output_tokens(4096, titles_and_chats).expected == 600
 
 
 def test_analytic_ratio_range_matches_the_real_measurements():
@@ -273,6 +288,73 @@ def test_service_learns_from_finished_requests_in_a_real_store(tmp_path):
     labels = {"model_name": service.metrics.model_name}
     assert 0.0 < REGISTRY.get_sample_value("llmco2_forecast_error_ratio", labels) < 0.5
     assert 0.5 < REGISTRY.get_sample_value("llmco2_forecast_interval_coverage_ratio", labels) <= 1.0
+
+
+def test_the_learner_rereads_the_store_after_a_burst_of_finished_requests(tmp_path):
+    store = RequestResultStore.in_directory(tmp_path)
+    now = [0.0]
+    service = CarbonService(Settings(), _forecaster(), store, _static(400.0), "llama", 4096, clock=lambda: now[0])
+
+    def output_source() -> str:
+        shape, forecast = asyncio.run(service.shape_and_forecast({"prompt_tokens": 100, "max_tokens": 64}, chat=False))
+        return forecast.output_tokens.source
+
+    assert output_source() == "max_tokens"  # the first forecast read the store: nothing finished yet
+    # Thirty short requests finish within a second (they stopped at a quarter of max_tokens).
+    forecast = {"max_tokens": 64, "raw_energy_j": 4.0, "energy_j": 4.0, "energy_j_low": 1.0, "energy_j_high": 8.0,
+                "concurrent_requests": 4.0, "output_tokens_source": "max_tokens"}  # fmt: skip
+    for index in range(30):
+        store.record_forecast(f"cmpl-{index}", forecast, 1e-4, 1)
+    store.record_actuals([
+        FinishedRequest(f"cmpl-{index}-0-1a2b3c4d", 90, 10, 15, 16, 0.5, 0.5, 0.5, 0.5, 1e-4, 0.0, 1000.0 + index)
+        for index in range(30)
+    ])  # fmt: skip
+    tickets = [service.request_arrived() for _ in range(30)]
+    now[0] = 0.5
+    for ticket in tickets[:7]:
+        service.request_finished(ticket)
+    assert output_source() == "max_tokens"  # a few finished and the periodic re-read is not due: no store read
+    service.request_finished(tickets[7])
+    now[0] = 0.6
+    assert output_source() == "learned"  # eight finished since the last read: re-read before the period
+
+
+def test_output_lengths_are_learned_from_requests_that_arrived_before_the_oldest_still_running(tmp_path):
+    # In a burst the short requests finish first: learning from whatever finished would price lengths short.
+    store = RequestResultStore.in_directory(tmp_path)
+    now = [100.0]
+    service = CarbonService(Settings(), _forecaster(), store, _static(400.0), "llama", 4096, clock=lambda: now[0])
+    body = {"prompt_tokens": 100, "max_tokens": 64}
+
+    def forecast_now(at: float, ticket: int | None = None):
+        now[0] = at
+        return asyncio.run(service.shape_and_forecast(body, chat=False, ticket=ticket))[1]
+
+    long_running = service.request_arrived()
+    forecast_now(100.0, long_running)  # it runs from t = 100 on
+    forecast = {"max_tokens": 64, "raw_energy_j": 4.0, "energy_j": 4.0, "energy_j_low": 1.0, "energy_j_high": 8.0,
+                "concurrent_requests": 4.0, "output_tokens_source": "max_tokens"}  # fmt: skip
+    for index in range(30):  # thirty more arrive after it and stop at a quarter of max_tokens
+        store.record_forecast(f"cmpl-{index}", forecast, 1e-4, 1, now=101.0 + index)
+    store.record_actuals([
+        FinishedRequest(f"cmpl-{index}-0-1a2b3c4d", 90, 10, 15, 16, 0.5, 0.5, 0.5, 0.5, 1e-4, 0.0, 102.0 + index)
+        for index in range(30)
+    ])  # fmt: skip
+    assert forecast_now(140.0).output_tokens.source == "max_tokens"  # nothing learned while the first one runs
+    service.request_finished(long_running)
+    learned = forecast_now(143.0).output_tokens
+    assert (learned.source, learned.expected) == ("learned", 16)
+    # A request never reported finished holds learning back for ten minutes at most.
+    stuck = service.request_arrived()
+    forecast_now(200.0, stuck)
+    for index in range(30, 60):
+        store.record_forecast(f"cmpl-{index}", forecast, 1e-4, 1, now=201.0 + index)
+    store.record_actuals([
+        FinishedRequest(f"cmpl-{index}-0-1a2b3c4d", 90, 10, 47, 48, 0.5, 0.5, 0.5, 0.5, 1e-4, 0.0, 202.0 + index)
+        for index in range(30, 60)
+    ])  # fmt: skip
+    assert forecast_now(300.0).output_tokens.high == 16  # the newer, longer requests wait for the running one
+    assert forecast_now(1000.0).output_tokens.high == 48  # ... but not for ever
 
 
 def test_requests_that_ignore_eos_run_to_max_tokens_and_teach_nothing_about_stopping(tmp_path):

@@ -131,47 +131,80 @@ class OutputLengthEstimate:
     # "max_tokens" (no history yet: the upper bound), "learned" (recent requests) or "runs_to_max_tokens"
     # (the request ignores EOS: its length is known)
     source: str
-    stopped_early_share: float | None = None  # learned share of requests that stopped before max_tokens (EOS, stop)
+    stopped_early_share: float | None = None  # learned probability that it stops on its own (EOS, stop) before max_tokens
 
 
 def estimate_output_tokens(max_tokens: int, recent: list[tuple[int, int | None]]) -> OutputLengthEstimate:
     """Output length from ``max_tokens`` and recently finished requests ``(output tokens, their max_tokens)``.
 
-    Requests often stop before ``max_tokens``; the share of ``max_tokens`` they used is learned from
-    recent requests - of this request's ``max_tokens`` band when it has enough of them, else of all -
-    and applied to this one (quantiles 10/50/90 %), never above ``max_tokens``. The share that ran to
-    the limit versus stopped early (the stop-reason mix) is part of that distribution.
+    Where requests stop on their own (EOS, a stop string) is learned from recent requests - of this
+    request's ``max_tokens`` band when it has enough of them (``max_tokens`` often says what kind of
+    request it is), else of all - and this one generates that many tokens or ``max_tokens``, whichever
+    comes first (quantiles 10/50/90 %). A request that ran to its own ``max_tokens`` only says that it
+    would have stopped later (right-censored, Kaplan-Meier), so the stop-reason mix is part of the
+    estimate, and a larger ``max_tokens`` does not by itself make a request longer.
     """
     return OutputLengths(recent).estimate(max_tokens)
 
 
+class _StopPositions:
+    """Kaplan-Meier estimate of the output length at which requests stop on their own, from
+    ``(output tokens, max_tokens or None)``: one that reached its ``max_tokens`` is censored there."""
+
+    def __init__(self, outcomes: list[tuple[int, int | None]]) -> None:
+        ordered = sorted(outcomes)
+        self.samples = len(ordered)
+        self._times: list[int] = []  # output lengths where some request stopped
+        self._stopped: list[float] = []  # P(stopped at or before that length)
+        survival, at_risk, i = 1.0, len(ordered), 0
+        while i < len(ordered):
+            length, stops, j = ordered[i][0], 0, i
+            while j < len(ordered) and ordered[j][0] == length:
+                limit = ordered[j][1]
+                stops += limit is None or length < limit
+                j += 1
+            if stops:
+                survival *= 1.0 - stops / at_risk
+                self._times.append(length)
+                self._stopped.append(1.0 - survival)
+            at_risk -= j - i
+            i = j
+        self.quantiles = tuple(self._quantile(q) for q in (0.1, 0.5, 0.9))
+
+    def _quantile(self, q: float) -> float:
+        """The shortest length by which a share ``q`` has stopped; infinite beyond what was seen (they
+        ran to their limits first)."""
+        index = bisect.bisect_left(self._stopped, q - 1e-12)
+        return self._times[index] if index < len(self._times) else math.inf
+
+    def stopped_before(self, max_tokens: int) -> float:
+        """P(a request stops on its own before generating ``max_tokens`` tokens)."""
+        index = bisect.bisect_left(self._times, max_tokens)
+        return self._stopped[index - 1] if index else 0.0
+
+
 class OutputLengths:
-    """``estimate_output_tokens`` with the history sorted once per band (a forecast then reads it in O(1))."""
+    """``estimate_output_tokens`` with the history's stop positions estimated once per band (a
+    forecast then reads them in O(log n))."""
 
     def __init__(self, recent: list[tuple[int, int | None]]) -> None:
-        self._all: list[float] = []
-        self._bands: dict[int, list[float]] = {}
+        pooled: list[tuple[int, int | None]] = []
+        bands: dict[int, list[tuple[int, int | None]]] = {}
         for output, limit in recent:
-            if limit and limit > 0 and output > 0:
-                ratio = min(output / limit, 1.0)
-                self._all.append(ratio)
-                self._bands.setdefault(length_band(limit), []).append(ratio)
-        self._all.sort()
-        for ratios in self._bands.values():
-            ratios.sort()
+            if output > 0:
+                limit = limit if limit and limit > 0 else None
+                pooled.append((output, limit))
+                if limit is not None:
+                    bands.setdefault(length_band(limit), []).append((output, limit))
+        self._all = _StopPositions(pooled) if len(pooled) >= _MIN_LEARNED_SAMPLES else None
+        self._bands = {band: _StopPositions(items) for band, items in bands.items() if len(items) >= _MIN_LEARNED_SAMPLES}
 
     def estimate(self, max_tokens: int) -> OutputLengthEstimate:
-        same_band = self._bands.get(length_band(max_tokens), [])
-        ratios = same_band if len(same_band) >= _MIN_LEARNED_SAMPLES else self._all
-        if len(ratios) < _MIN_LEARNED_SAMPLES:
+        positions = self._bands.get(length_band(max_tokens)) or self._all
+        if positions is None:
             return OutputLengthEstimate(max_tokens, 1, max_tokens, "max_tokens")
-
-        def quantile(q: float) -> int:
-            ratio = ratios[min(int(q * len(ratios)), len(ratios) - 1)]
-            return max(1, min(max_tokens, round(ratio * max_tokens)))
-
-        early = bisect.bisect_left(ratios, 1.0) / len(ratios)
-        return OutputLengthEstimate(quantile(0.5), quantile(0.1), quantile(0.9), "learned", early)
+        low, expected, high = (max(1, int(min(max_tokens, q))) for q in positions.quantiles)
+        return OutputLengthEstimate(expected, low, high, "learned", positions.stopped_before(max_tokens))
 
 
 @dataclass(frozen=True)

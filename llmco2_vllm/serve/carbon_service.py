@@ -38,7 +38,14 @@ logger = logging.getLogger(__name__)
 
 _DEFER_POLL_SECONDS = 1.0
 _ENGINE_STATE_MAX_AGE_SECONDS = 1.0  # running requests change quickly; calibration slowly
-_LEARNER_MAX_AGE_SECONDS = 2.0  # outcomes of finished requests are re-read at most this often
+_LEARNER_MAX_AGE_SECONDS = 2.0  # outcomes of finished requests are re-read at least this often when forecasting
+# ... and sooner once this many requests finished here since the last read (a burst of short requests
+# outruns a fixed period), but at most every _LEARNER_MIN_AGE_SECONDS: each read parses up to 1000 rows.
+_LEARNER_REFRESH_FINISHED = 8
+_LEARNER_MIN_AGE_SECONDS = 0.25
+# Requests running longer than this stop holding back what is learned (``_learner``): a bound, should
+# one never be reported finished.
+_LEARNER_COHORT_MAX_SECONDS = 600.0
 _OUTCOMES_READ = 1000
 _SPENT_MAX_AGE_SECONDS = 1.0  # admissions in between are added locally (``_spent_since_read``)
 _GAUGE_REFRESH_SECONDS = 5.0
@@ -130,6 +137,7 @@ class CarbonService:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmco2-api")
         self._engine_state: tuple[float, dict[str, Any]] = (-math.inf, {})
         self._learned: tuple[float, ForecastLearner] = (-math.inf, ForecastLearner([]))
+        self._finished_since_learned = 0  # responses completed here since the learner's last read
         self._spent: tuple[float, float] = (-math.inf, 0.0)  # (read at, grams) from the store
         self._spent_since_read = 0.0  # admitted here after that read
         self._logged_error = False
@@ -263,6 +271,7 @@ class CarbonService:
 
     def request_finished(self, ticket: int | None = None) -> None:
         self._in_flight = max(0, self._in_flight - 1)
+        self._finished_since_learned += 1
         with self._running_lock:
             running = self._running.pop(ticket, None)
         if running is not None and running[1] > 0:
@@ -338,11 +347,22 @@ class CarbonService:
         return state
 
     def _learner(self) -> ForecastLearner:
-        """What finished requests taught: re-read from the store at most every ``_LEARNER_MAX_AGE_SECONDS``."""
+        """What finished requests taught: re-read from the store every ``_LEARNER_MAX_AGE_SECONDS``, sooner
+        after a burst of finished requests."""
         read_at, learner = self._learned
         now = self.clock()
-        if now - read_at > _LEARNER_MAX_AGE_SECONDS:
-            learner = ForecastLearner(self.store.recent_outcomes(_OUTCOMES_READ))
+        age = now - read_at
+        if age > _LEARNER_MAX_AGE_SECONDS or (
+            age > _LEARNER_MIN_AGE_SECONDS and self._finished_since_learned >= _LEARNER_REFRESH_FINISHED
+        ):
+            self._finished_since_learned = 0
+            # Only requests that arrived before the oldest one still running here: among the later
+            # ones the short have finished and the long not yet, and learning from them alone would
+            # price lengths short after every rise in load (learned lengths 0.68x of actual in a burst).
+            with self._running_lock:
+                oldest = min((since for since, _, _ in self._running.values()), default=None)
+            cutoff = None if oldest is None else max(oldest, now - _LEARNER_COHORT_MAX_SECONDS)
+            learner = ForecastLearner(self.store.recent_outcomes(_OUTCOMES_READ, arrived_before=cutoff))
             self._learned = (now, learner)
             self.metrics.set_forecast_quality(learner.error_ratio, learner.interval_coverage, learner.scored_requests)
         return learner

@@ -19,6 +19,7 @@ loop run them in a thread.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -152,13 +153,14 @@ class RequestResultStore:
             result.append(((int(row["decode_tokens"]) + parts) // parts, forecast.get("max_tokens")))
         return result
 
-    def recent_outcomes(self, limit: int = 1000) -> list[ForecastOutcome]:
-        """Finished forecast requests' forecasts beside their actuals, newest first (what forecasts learn from)."""
+    def recent_outcomes(self, limit: int = 1000, arrived_before: float | None = None) -> list[ForecastOutcome]:
+        """Finished forecast requests' forecasts beside their actuals, newest arrival first (what
+        forecasts learn from); ``arrived_before``: only requests that arrived before then (unix seconds)."""
         rows = self._connect().execute(
             "SELECT forecast, finished_parts, prompt_tokens, cached_tokens, decode_tokens, calibrated_energy_j "
             "FROM requests WHERE finished_parts > 0 AND forecast IS NOT NULL AND finished_parts >= expected_parts "
-            "ORDER BY finished_at DESC LIMIT ?",
-            (limit,),
+            "AND time < ? ORDER BY time DESC LIMIT ?",
+            (math.inf if arrived_before is None else arrived_before, limit),
         ).fetchall()
         outcomes = []
         for row in rows:
