@@ -153,7 +153,6 @@ class _StopPositions:
 
     def __init__(self, outcomes: list[tuple[int, int | None]]) -> None:
         ordered = sorted(outcomes)
-        self.samples = len(ordered)
         self._times: list[int] = []  # output lengths where some request stopped
         self._stopped: list[float] = []  # P(stopped at or before that length)
         survival, at_risk, i = 1.0, len(ordered), 0

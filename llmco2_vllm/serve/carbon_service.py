@@ -358,7 +358,7 @@ class CarbonService:
             self._finished_since_learned = 0
             # Only requests that arrived before the oldest one still running here: among the later
             # ones the short have finished and the long not yet, and learning from them alone would
-            # price lengths short after every rise in load (learned lengths 0.68x of actual in a burst).
+            # price lengths short after every rise in load.
             with self._running_lock:
                 oldest = min((since for since, _, _ in self._running.values()), default=None)
             cutoff = None if oldest is None else max(oldest, now - _LEARNER_COHORT_MAX_SECONDS)
