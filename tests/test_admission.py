@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import types
 
@@ -317,6 +318,14 @@ def test_the_learner_rereads_the_store_after_a_burst_of_finished_requests(tmp_pa
     service.request_finished(tickets[7])
     now[0] = 0.6
     assert output_source() == "learned"  # eight finished since the last read: re-read before the period
+    # With no request arriving, the gauges still follow the requests that finish.
+    labels = {"model_name": service.metrics.model_name}
+    service.metrics.set_forecast_quality(None, None, 0)
+    assert math.isnan(REGISTRY.get_sample_value("llmco2_forecast_error_ratio", labels))  # unknown, not perfect
+    now[0] = 3.0
+    asyncio.run(service.refresh_gauges())
+    assert REGISTRY.get_sample_value("llmco2_forecast_scored_requests", labels) == 30
+    assert REGISTRY.get_sample_value("llmco2_forecast_error_ratio", labels) == pytest.approx(3.0)  # 4 J for 1 J
 
 
 def test_output_lengths_are_learned_from_requests_that_arrived_before_the_oldest_still_running(tmp_path):

@@ -312,15 +312,20 @@ class CarbonService:
         return None
 
     async def refresh_gauges_forever(self) -> None:
-        """Keep the budget gauge current while no request arrives."""
+        """Keep the gauges current while no request arrives."""
         while True:
             await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
-            try:
-                if self.limits.budget_grams > 0:
-                    self._spent = (-math.inf, 0.0)
-                    await self._run(self._budget_view)
-            except Exception as error:
-                self._count_error(error)
+            await self.refresh_gauges()
+
+    async def refresh_gauges(self) -> None:
+        """The budget spent and the forecast quality (``_learner`` sets it) from the store."""
+        try:
+            if self.limits.budget_grams > 0:
+                self._spent = (-math.inf, 0.0)
+                await self._run(self._budget_view)
+            await self._run(self._learner)  # requests that finished after the last one arrived count too
+        except Exception as error:
+            self._count_error(error)
 
     # -- on the worker thread ----------------------------------------------------------------------
     async def _run(self, function: Callable[..., Any], *args: Any) -> Any:

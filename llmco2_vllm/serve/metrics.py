@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 
@@ -69,6 +71,7 @@ class AdmissionMetrics:
             ["model_name"], registry=registry, multiprocess_mode="mostrecent",
         ).labels(model_name=model_name)
         self.model_name = model_name
+        self.set_forecast_quality(None, None, 0)
         for reason in ("condition_cleared", "deadline_reached"):
             self.released.labels(model_name=model_name, reason=reason)
         for reason in ("body_too_large", "unreadable"):
@@ -99,10 +102,9 @@ class AdmissionMetrics:
         self.spent.set(grams)
 
     def set_forecast_quality(self, error_ratio: float | None, coverage: float | None, scored: int) -> None:
-        if error_ratio is not None:
-            self.forecast_error.set(error_ratio)
-        if coverage is not None:
-            self.interval_coverage.set(coverage)
+        """None: no finished request to measure them on yet (NaN, not a perfect 0)."""
+        self.forecast_error.set(math.nan if error_ratio is None else error_ratio)
+        self.interval_coverage.set(math.nan if coverage is None else coverage)
         self.scored_requests.set(scored)
 
 
