@@ -158,6 +158,35 @@ def test_online_learner_converges_and_resets_on_drift() -> None:
     assert learner.resets == 1
 
 
+def test_step_times_by_batch_tell_a_per_sequence_cost_from_a_per_step_one() -> None:
+    """The truth costs 4x more per sequence and 0.6x per step: a window's total time cannot tell the
+    two apart, the times of its small- and large-batch steps can; predicted for an unseen batch."""
+    deployment = BatchRow(MODEL, "H100", 1, 1, 1, 1, 1, 1).deployment()
+    terms = StepTerms(deployment.model, deployment.hardware.gpu)
+    real = term_calibration.CalibratedModel(truth())
+
+    def steps_of(batches: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+        sums = np.array([terms.step_sums(StepShape.static_batch_decode(b, 800)) for b in batches]).T
+        seconds = np.array([real.predict(term_calibration.Observation(terms, 1, sums[:, [i]], np.ones(1)))[0]
+                            for i in range(len(batches))])  # fmt: skip
+        energy = real.predict(term_calibration.Observation(terms, 1, sums, np.ones(len(batches))))[1]
+        return sums, seconds, energy
+
+    window_sums, seconds, energy = steps_of([2, 160] * 12)  # a load that alternates
+    totals_only = term_calibration.OnlineTermCalibrator(shipped_model(), max_evaluations=60)
+    with_steps = term_calibration.OnlineTermCalibrator(shipped_model(), max_evaluations=60)
+    for _ in range(3):
+        totals_only.observe(terms, 1, window_sums, energy, float(seconds.sum()))
+        with_steps.observe(terms, 1, window_sums, energy, float(seconds.sum()), step_seconds=seconds)
+    unseen_sums, unseen_seconds, _ = steps_of([24] * 10)
+    unseen = term_calibration.Observation(terms, 1, unseen_sums, np.ones(10))
+
+    def time_error(learner: term_calibration.OnlineTermCalibrator) -> float:
+        return abs(learner.model.predict(unseen)[0] / unseen_seconds.sum() - 1)
+
+    assert time_error(with_steps) < 0.02 and time_error(totals_only) > 0.1, (time_error(with_steps), time_error(totals_only))
+
+
 def test_serving_observation_matches_the_serving_prediction() -> None:
     """A measured serving row as an observation: one mean step, its measured time and energy; the
     calibrated model's prediction of it equals the fitted model's prediction of the row."""

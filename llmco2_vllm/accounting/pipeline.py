@@ -75,6 +75,7 @@ class _StepSample:
 
     def __init__(self) -> None:
         self.kept: list[np.ndarray] = []
+        self.kept_seconds: list[float] = []  # the kept steps' own wall times
         self.count = 0  # steps in the window
         self.seconds = 0.0  # their measured wall time
         self._every = 1
@@ -82,11 +83,13 @@ class _StepSample:
     def add(self, sums: np.ndarray | None, seconds: float) -> None:
         if sums is None:
             return
-        self.seconds += max(seconds, 0.0)
+        seconds = max(seconds, 0.0)
+        self.seconds += seconds
         if self.count % self._every == 0:
             self.kept.append(sums)
+            self.kept_seconds.append(seconds)
             if len(self.kept) >= self.LIMIT:
-                self.kept, self._every = self.kept[::2], self._every * 2
+                self.kept, self.kept_seconds, self._every = self.kept[::2], self.kept_seconds[::2], self._every * 2
         self.count += 1
 
     def matrix(self) -> np.ndarray:
@@ -385,9 +388,10 @@ class EnginePipeline:
             return
         try:
             predictor = self.predictor
-            seconds = steps.seconds if self._step_times_measured else None
-            learner.observe(predictor.terms, predictor.num_gpus, steps.matrix(), result.measured_j, seconds,
-                            result.idle_seconds, steps.count)  # fmt: skip
+            timed = self._step_times_measured
+            learner.observe(predictor.terms, predictor.num_gpus, steps.matrix(), result.measured_j,
+                            steps.seconds if timed else None, result.idle_seconds, steps.count,
+                            np.array(steps.kept_seconds) if timed else None)  # fmt: skip
             learned = learner.model
             predictor.use_terms(learned.model, learned.with_idle(predictor.terms.gpu).idle_watts)
             # Saved with the scale state (LLMCO2_CALIBRATION_FILE): a restart predicts with them at once.

@@ -318,6 +318,7 @@ class OnlineTermCalibrator:
     """
 
     STEPS_PER_WINDOW = 48
+    TIME_GROUPS = 4
     DRIFT_WINDOWS = 4
     DRIFT_ERROR = 0.15
     ERROR_WINDOWS = 256  # one-step-ahead errors kept (bounded: a server runs for months)
@@ -326,7 +327,7 @@ class OnlineTermCalibrator:
                  max_evaluations: int = 200) -> None:  # fmt: skip
         self.prior, self.software = prior, software
         self.memory, self.forgetting, self.max_evaluations = memory, forgetting, max_evaluations
-        self.history: list[Observation] = []
+        self.history: list[list[Observation]] = []  # per window
         self.result: CalibrationResult | None = None
         # (prior, calibrated) one-step-ahead relative errors of window energy and of measured time
         self.errors: deque[tuple[float, float]] = deque(maxlen=self.ERROR_WINDOWS)
@@ -343,22 +344,37 @@ class OnlineTermCalibrator:
 
     def observe(self, terms: StepTerms, num_gpus: float, step_sums: np.ndarray, measured_energy_j: float | None,
                 measured_seconds: float | None = None, idle_seconds: float = 0.0,
-                total_steps: int | None = None) -> None:  # fmt: skip
+                total_steps: int | None = None, step_seconds: np.ndarray | None = None) -> None:  # fmt: skip
         """One closed window: the sums of its steps (SUM_NAMES x steps; ``total_steps`` when these are
-        a sample of them), its idle time, and what was measured (energy includes the idle time)."""
+        a sample of them), its idle time, and what was measured (energy includes the idle time).
+        ``step_seconds``: each of these steps' measured time, where a GPU timed them."""
         steps = step_sums.shape[1]
         if steps == 0 or not (measured_energy_j or measured_seconds):
             return
         keep = np.unique(np.linspace(0, steps - 1, min(steps, self.STEPS_PER_WINDOW)).round().astype(int))
         counts = np.full(len(keep), (total_steps or steps) / len(keep))
+        label = f"window {self.windows}"
         observation = Observation(terms, num_gpus, step_sums[:, keep], counts, measured_seconds, measured_energy_j,
-                                  idle_seconds, label=f"window {self.windows}")  # fmt: skip
+                                  idle_seconds, label=label)  # fmt: skip
         self._score(observation)
-        self.history = [*self.history, observation][-self.memory :]
+        window = [observation]
+        if step_seconds is not None and measured_seconds:
+            # The window's time again, by batch size: one total cannot tell a per-sequence cost from
+            # a per-step one, steps of different batches can. Each group weighs its share of the window.
+            order = np.argsort(step_sums[0, keep], kind="stable")
+            groups = [g for g in np.array_split(order, self.TIME_GROUPS) if len(g)]
+            window = [observation.energy_only()] + [
+                Observation(terms, num_gpus, step_sums[:, keep[g]], counts[g],
+                            float(step_seconds[keep[g]].sum() * counts[0]), None, label=f"{label} batch group {i}")
+                for i, g in enumerate(groups)
+            ]  # fmt: skip
+        self.history = [*self.history, window][-self.memory :]
         ages = np.arange(len(self.history))[::-1]
-        self.result = calibrate(self.prior, self.history, self.software, start=self.result,
-                                weights=self.forgetting**ages, max_evaluations=self.max_evaluations, robust=True,
-                                use_time=True)  # fmt: skip
+        flat = [o for group in self.history for o in group]
+        weights = [self.forgetting**age * (1.0 if o.measured_energy_j else 1.0 / (len(group) - 1))
+                   for age, group in zip(ages, self.history) for o in group]  # fmt: skip
+        self.result = calibrate(self.prior, flat, self.software, start=self.result, weights=weights,
+                                max_evaluations=self.max_evaluations, robust=True, use_time=True)  # fmt: skip
         self.windows += 1
 
     def _score(self, observation: Observation) -> None:
