@@ -309,7 +309,8 @@ class OnlineTermCalibrator:
 
     Each window brings the steps it ran (their sums; at most ``STEPS_PER_WINDOW`` kept, evenly
     spread, each standing for its share of the window's steps), the meter's energy and, where a real
-    GPU timed them, the steps' measured time. After each window the terms are refitted on the last
+    GPU timed them, the steps' measured time (the window's total, or each step's: then fitted in
+    ``TIME_GROUPS`` groups by batch size). After each window the terms are refitted on the last
     ``memory`` windows, newer ones weighing more (``forgetting`` per window), from the previous fit
     and pulled toward the prior. Before refitting, the window is predicted with the terms in force
     (one step ahead) and with the prior: the rolling errors say how much calibration helps. A run of
