@@ -328,7 +328,7 @@ class OnlineTermCalibrator:
                  max_evaluations: int = 200) -> None:  # fmt: skip
         self.prior, self.software = prior, software
         self.memory, self.forgetting, self.max_evaluations = memory, forgetting, max_evaluations
-        self.history: list[list[Observation]] = []  # per window
+        self.history: list[list[tuple[Observation, float]]] = []  # per window: (observation, weight in it)
         self.result: CalibrationResult | None = None
         # (prior, calibrated) one-step-ahead relative errors of window energy and of measured time
         self.errors: deque[tuple[float, float]] = deque(maxlen=self.ERROR_WINDOWS)
@@ -358,24 +358,23 @@ class OnlineTermCalibrator:
         observation = Observation(terms, num_gpus, step_sums[:, keep], counts, measured_seconds, measured_energy_j,
                                   idle_seconds, label=label)  # fmt: skip
         self._score(observation)
-        window = [observation]
+        window = [(observation, 1.0)]  # (observation, its weight within the window)
         if step_seconds is not None and measured_seconds:
             # The window's time again, by batch size: one total cannot tell a per-sequence cost from
-            # a per-step one, steps of different batches can. Each group weighs its share of the window.
-            order = np.argsort(step_sums[0, keep], kind="stable")
+            # a per-step one, steps of different batches can. The groups share the window's weight.
+            order = np.argsort(step_sums[0, keep], kind="stable")  # by scheduled sequences
             groups = [g for g in np.array_split(order, self.TIME_GROUPS) if len(g)]
-            window = [observation.energy_only()] + [
-                Observation(terms, num_gpus, step_sums[:, keep[g]], counts[g],
-                            float(step_seconds[keep[g]].sum() * counts[0]), None, label=f"{label} batch group {i}")
+            window = [(observation.energy_only(), 1.0)] + [
+                (Observation(terms, num_gpus, step_sums[:, keep[g]], counts[g], float(step_seconds[keep[g]] @ counts[g]),
+                             label=f"{label} batch group {i}"), 1.0 / len(groups))
                 for i, g in enumerate(groups)
             ]  # fmt: skip
         self.history = [*self.history, window][-self.memory :]
         ages = np.arange(len(self.history))[::-1]
-        flat = [o for group in self.history for o in group]
-        weights = [self.forgetting**age * (1.0 if o.measured_energy_j else 1.0 / (len(group) - 1))
-                   for age, group in zip(ages, self.history) for o in group]  # fmt: skip
-        self.result = calibrate(self.prior, flat, self.software, start=self.result, weights=weights,
-                                max_evaluations=self.max_evaluations, robust=True, use_time=True)  # fmt: skip
+        weighted = [(o, self.forgetting**age * share) for age, window in zip(ages, self.history) for o, share in window]
+        self.result = calibrate(self.prior, [o for o, _ in weighted], self.software, start=self.result,
+                                weights=[w for _, w in weighted], max_evaluations=self.max_evaluations, robust=True,
+                                use_time=True)  # fmt: skip
         self.windows += 1
 
     def _score(self, observation: Observation) -> None:
