@@ -116,6 +116,7 @@ def main() -> int:
     scale = OnlineCalibrator(prior_idle_watts=gpu.idle_watts)
     errors: dict[str, list[float]] = {name: [] for name in (*learners, "scale (today's online calibration)", "uncalibrated")}
     time_errors: dict[str, list[float]] = {name: [] for name in learners}
+    observe_seconds: dict[str, list[float]] = {name: [] for name in learners}  # CPU of the worker per window
     start = 0
     for window in range(WINDOWS):
         seconds, energy = truth_steps[0 if window < CHANGE_AT else 1]
@@ -129,8 +130,10 @@ def main() -> int:
             errors[name].append(abs(predicted / measured_energy - 1))
             time_errors[name].append(abs(predicted_seconds / measured_seconds - 1))
             timed = "times" in name
+            began = time.process_time()
             learner.observe(terms, 1, window_sums, measured_energy, measured_seconds if timed else None,
                             step_seconds=seconds[start:end] if timed else None)  # fmt: skip
+            observe_seconds[name].append(time.process_time() - began)
         p = float(prior_energy[start:end][prefill[start:end]].sum())
         d = float(prior_energy[start:end][~prefill[start:end]].sum())
         errors["scale (today's online calibration)"].append(abs(sum(scale.correct(p, d, 0.0)) / measured_energy - 1))
@@ -154,12 +157,15 @@ def main() -> int:
             "mean_error_last_20": 100 * float(np.mean(after[-20:])),
             "max_error_windows_3_45": 100 * float(np.max(before[2:])),
             "mean_time_error_windows_10_45": 100 * float(np.mean(time_errors[name][10:CHANGE_AT])) if name in time_errors else None,
+            "observe_cpu_ms_median_max": ([1000 * float(f(observe_seconds[name])) for f in (np.median, np.max)]
+                                          if name in observe_seconds else None),
         }
         summary[name] = entry
-        time_error = entry["mean_time_error_windows_10_45"]
+        time_error, cpu = entry["mean_time_error_windows_10_45"], entry["observe_cpu_ms_median_max"]
         rows.append(f"| {name} | {entry['windows_to_5pct'] or 'never'} | {entry['windows_to_5pct_after_change'] or 'never'} | "
                     f"{entry['mean_error_windows_10_45']:.1f} | {entry['max_error_windows_3_45']:.1f} | "
-                    f"{entry['mean_error_last_20']:.1f} | {'-' if time_error is None else f'{time_error:.1f}'} |")
+                    f"{entry['mean_error_last_20']:.1f} | {'-' if time_error is None else f'{time_error:.1f}'} | "
+                    f"{'-' if cpu is None else '{:.0f} / {:.0f}'.format(*cpu)} |")
     text = [
         "# Online term calibration: simulated deployment, shape differs from the prior",
         "",
@@ -168,8 +174,9 @@ def main() -> int:
         "One-step-ahead energy error of each window, predicted before it is learned.",
         "",
         "| learner | windows to stay within 5 % | windows to stay within 5 % after the change | mean error, windows 11-45 (%) "
-        "| max error, windows 3-45 (%) | mean error, last 20 windows (%) | step-time error, windows 11-45 (%) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| max error, windows 3-45 (%) | mean error, last 20 windows (%) | step-time error, windows 11-45 (%) "
+        "| CPU to learn a window, median / max ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
         "Target (issue 14): within 5 % in 30 windows, and again after a shape change. The plugin's worker runs the "

@@ -188,6 +188,39 @@ class CalibratedModel:
         return float(counts @ parts[0]), energy * observation.num_gpus
 
 
+class _StackedObservations:
+    """Observations' steps stacked per deployment (``StepTerms``), their terms computed once: a
+    solver step evaluates the model once per deployment, not once per observation."""
+
+    def __init__(self, observations: Sequence[Observation]) -> None:
+        by_terms: dict[int, list[Observation]] = {}
+        for o in observations:
+            if o.sums.shape[1]:
+                by_terms.setdefault(id(o.terms), []).append(o)
+        self._empty = [o for o in observations if not o.sums.shape[1]]
+        self._groups = []
+        for members in by_terms.values():
+            sizes = [m.sums.shape[1] for m in members]
+            terms = np.concatenate([m.terms.from_sums(m.sums) for m in members], axis=1)
+            self._groups.append((members, terms, np.concatenate([m.counts for m in members]),
+                                 np.cumsum([0, *sizes[:-1]]), np.array([m.idle_seconds for m in members]),
+                                 np.array([m.num_gpus for m in members], dtype=np.float64)))  # fmt: skip
+
+    def predict(self, deployment: CalibratedModel) -> dict[int, tuple[float, float]]:
+        """``CalibratedModel.predict`` of every observation, by ``id``."""
+        predicted = {id(o): deployment.predict(o) for o in self._empty}
+        model, software = deployment.model, deployment.software
+        for members, terms, counts, starts, idle_seconds, num_gpus in self._groups:
+            parts = model.time_parts(terms, software)
+            gpu = deployment.with_idle(members[0].terms.gpu)
+            busy = counts * parts[0]
+            seconds = np.add.reduceat(busy, starts)
+            power = model.power_watts(gpu, *parts, software=software)
+            energy = (np.add.reduceat(busy * power, starts) + gpu.idle_watts * idle_seconds) * num_gpus
+            predicted.update(zip(map(id, members), zip(seconds.tolist(), energy.tolist())))
+        return predicted
+
+
 def _bounds(name: str) -> tuple[float, float]:
     if name == "idle_scale":
         return IDLE_SCALE_BOUNDS
@@ -229,11 +262,18 @@ def calibrate(
     if not timed and not metered:
         raise ValueError("no observation has a measured time or energy")
 
-    def residual(o: Observation, kind: str) -> float:
-        seconds, energy = deployment.predict(o)
-        return math.log(seconds / o.measured_seconds) if kind == "seconds" else math.log(energy / o.measured_energy_j)
+    stacked = _StackedObservations(observations)
 
-    before = {"seconds": [residual(o, "seconds") for o in timed], "energy": [residual(o, "energy") for o in metered]}
+    def residuals(targets: Sequence[tuple[Observation, str]]) -> list[float]:
+        predicted = stacked.predict(deployment)
+        return [math.log(predicted[id(o)][0] / o.measured_seconds) if kind == "seconds"
+                else math.log(predicted[id(o)][1] / o.measured_energy_j) for o, kind in targets]  # fmt: skip
+
+    def both() -> dict[str, list[float]]:
+        values = residuals([(o, "seconds") for o in timed] + [(o, "energy") for o in metered])
+        return {"seconds": values[: len(timed)], "energy": values[len(timed) :]}
+
+    before = both()
 
     def solve(names: list[str], targets: list[tuple[Observation, str]]) -> None:
         home = np.log([1.0 if n == "idle_scale" else prior.parameters[n] for n in names])
@@ -251,7 +291,7 @@ def calibrate(
 
         def function(x: np.ndarray) -> np.ndarray:
             assign(x)
-            data = np.array([residual(o, kind) for o, kind in targets])
+            data = np.array(residuals(targets))
             return np.concatenate([data * scale, (x - home) / prior_width])
 
         loss = {"loss": "huber", "f_scale": ROBUST_SIGMAS} if robust else {}
@@ -263,7 +303,7 @@ def calibrate(
     # (= power x time) then what is left to the power terms; the ridge keeps unidentified terms home.
     fitted_times = timed if use_time or not metered else []
     solve(time_names + power_names, [(o, "seconds") for o in fitted_times] + [(o, "energy") for o in metered])
-    after = {"seconds": [residual(o, "seconds") for o in timed], "energy": [residual(o, "energy") for o in metered]}
+    after = both()
     changes = {n: (prior.parameters[n], model.parameters[n]) for n in time_names + power_names if n != "idle_scale"}
     changes["idle_scale"] = (1.0, deployment.idle_scale)
     return CalibrationResult(model, deployment.idle_scale, changes, before, after, version)
