@@ -187,6 +187,25 @@ def test_step_times_by_batch_tell_a_per_sequence_cost_from_a_per_step_one() -> N
     assert time_error(with_steps) < 0.02 and time_error(totals_only) > 0.1, (time_error(with_steps), time_error(totals_only))
 
 
+def test_stacked_observations_predict_as_each_alone() -> None:
+    """The solver evaluates each deployment's observations in one pass: the same numbers as one by one."""
+    def terms_of(model: str, gpu: str) -> StepTerms:
+        return StepTerms(BatchRow(model, gpu, 1, 1, 1, 1, 1, 1).deployment().model, find_gpu(gpu))
+
+    llama, qwen = terms_of(MODEL, "H100"), terms_of("Qwen/Qwen3-30B-A3B-Instruct-2507", "A100")
+    observations = [
+        term_calibration.static_batch_observation(llama, 1, 8, 300, 200, idle_seconds=2.0),
+        term_calibration.static_batch_observation(qwen, 2, 64, 1000, 50),
+        term_calibration.static_batch_observation(llama, 1, 128, 100, 400),
+        term_calibration.Observation(llama, 1, np.zeros((len(llama.step_sums(StepShape.static_batch_decode(1, 1))), 0)),
+                                     np.zeros(0), idle_seconds=1.0),  # no steps: idle only
+    ]
+    deployment = term_calibration.CalibratedModel(truth(), idle_scale=1.2)
+    stacked = term_calibration._StackedObservations(observations).predict(deployment)
+    for observation in observations:
+        assert stacked[id(observation)] == pytest.approx(deployment.predict(observation), rel=1e-12)
+
+
 def test_serving_observation_matches_the_serving_prediction() -> None:
     """A measured serving row as an observation: one mean step, its measured time and energy; the
     calibrated model's prediction of it equals the fitted model's prediction of the row."""
