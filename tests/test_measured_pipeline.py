@@ -69,12 +69,18 @@ def make_pipeline(meter, calibration_file: str = "") -> EnginePipeline:
     )
 
 
-def run_windows(pipeline: EnginePipeline, meter: ScriptedMeter, windows: int) -> None:
-    """Windows of varying load (1-7 steps) and length (10-90 ms, on a scripted clock), so busy and
-    idle energy are separable."""
+def scripted_clock(pipeline: EnginePipeline) -> list[float]:
+    """The pipeline's window clock, moved by hand through the returned cell (starting at 0)."""
     clock = [0.0]
     pipeline.windows.clock = lambda: clock[0]
     pipeline.windows._started = 0.0
+    return clock
+
+
+def run_windows(pipeline: EnginePipeline, meter: ScriptedMeter, windows: int) -> None:
+    """Windows of varying load (1-7 steps) and length (10-90 ms, on a scripted clock), so busy and
+    idle energy are separable."""
+    clock = scripted_clock(pipeline)
     busy = pipeline.metrics.energy.labels(model_name="llama", engine="0", phase="decode", source="predicted")
     step = 0
     recorder = StepRecorder(capacity=16)
@@ -234,9 +240,7 @@ def test_fitted_terms_learn_online_from_measured_windows(tmp_path):
     changed["sequence_seconds@vllm-0.11.1"] *= 3.0
     changed["memory_activity@vllm-0.11.1"] *= 0.7
     truth = CalibratedModel(FittedModel(changed, shipped_model().software))
-    clock = [0.0]
-    pipeline.windows.clock = lambda: clock[0]
-    pipeline.windows._started = 0.0
+    clock = scripted_clock(pipeline)
     recorder = StepRecorder(capacity=64)
     step = 0
     for window in range(12):
@@ -290,9 +294,7 @@ def test_measured_step_times_pin_the_time_terms_on_a_gpu_host():
         shape = StepShape.from_requests([(f"r{i}", 0, 1, 200 + 50 * i + step) for i in range(batch)])
         return Observation(predictor.terms, 1, predictor.terms.step_sums(shape)[:, None], np.ones(1))
 
-    clock = [0.0]
-    pipeline.windows.clock = lambda: clock[0]
-    pipeline.windows._started = 0.0
+    clock = scripted_clock(pipeline)
     recorder = StepRecorder(capacity=64)
     step = 0
     for _ in range(6):

@@ -204,6 +204,8 @@ def test_stacked_observations_predict_as_each_alone() -> None:
     stacked = term_calibration._StackedObservations(observations).predict(deployment)
     for observation in observations:
         assert stacked[id(observation)] == pytest.approx(deployment.predict(observation), rel=1e-12)
+    idle_watts = deployment.with_idle(llama.gpu).idle_watts
+    assert stacked[id(observations[3])] == pytest.approx((0.0, idle_watts * 1.0))
 
 
 def test_serving_observation_matches_the_serving_prediction() -> None:

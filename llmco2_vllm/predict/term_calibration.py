@@ -180,12 +180,7 @@ class CalibratedModel:
 
     def predict(self, observation: Observation) -> tuple[float, float]:
         """(seconds, energy J of all the deployment's GPUs) of the observation's steps."""
-        parts = self.model.time_parts(observation.terms.from_sums(observation.sums), self.software)
-        gpu = self.with_idle(observation.terms.gpu)
-        power = self.model.power_watts(gpu, *parts, software=self.software)
-        counts = observation.counts
-        energy = float(counts @ (power * parts[0])) + gpu.idle_watts * observation.idle_seconds
-        return float(counts @ parts[0]), energy * observation.num_gpus
+        return _StackedObservations([observation]).predict(self)[id(observation)]
 
 
 class _StackedObservations:
@@ -197,7 +192,7 @@ class _StackedObservations:
         for o in observations:
             if o.sums.shape[1]:
                 by_terms.setdefault(id(o.terms), []).append(o)
-        self._empty = [o for o in observations if not o.sums.shape[1]]
+        self._empty = [o for o in observations if not o.sums.shape[1]]  # idle time only
         self._groups = []
         for members in by_terms.values():
             sizes = [m.sums.shape[1] for m in members]
@@ -208,7 +203,8 @@ class _StackedObservations:
 
     def predict(self, deployment: CalibratedModel) -> dict[int, tuple[float, float]]:
         """``CalibratedModel.predict`` of every observation, by ``id``."""
-        predicted = {id(o): deployment.predict(o) for o in self._empty}
+        predicted = {id(o): (0.0, deployment.with_idle(o.terms.gpu).idle_watts * o.idle_seconds * o.num_gpus)
+                     for o in self._empty}  # fmt: skip
         model, software = deployment.model, deployment.software
         for members, terms, counts, starts, idle_seconds, num_gpus in self._groups:
             parts = model.time_parts(terms, software)
