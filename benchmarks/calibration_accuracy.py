@@ -11,7 +11,10 @@ per request predicted for rows the calibration never saw.
   model **without any row of that model** (leave-one-model-out), as for a user serving a new model.
 * Fleet: per GPU type (and measured vLLM version), 5 rows of mixed models drawn at random (seeded),
   predict every other row of that GPU. The prior is the fitted model **without any row of that GPU**
-  (leave-one-GPU-out): for the v3 H100 rows it knows neither the GPU nor vLLM 0.11.1.
+  (leave-one-GPU-out): for the v3 H100 rows it knows neither the GPU nor vLLM 0.11.1. The prior
+  keeps the measured models' own energy factors (``fitted.fit``: learned from the other GPUs' rows);
+  the calibration over the 5 rows fits each of their models a time and a power factor of its own
+  beside the shared terms (``term_calibration.calibrate``).
 
 Beside the term calibration (time + energy: each row's measured step time and energy, the times used
 unless leaving each calibration row out shows they predict its energy worse: ``calibrate``'s default,
@@ -67,18 +70,17 @@ def _predict_all(prior: fitted.FittedModel, data: EvaluationData, calibration: l
     terms = {i: _terms(data, i) for i in {*calibration, *test}}
     observations = {i: term_calibration.serving_observation(terms[i], ms[i]) for i in terms}
 
-    def predictions(model: fitted.FittedModel, idle_scale: float) -> dict[int, float]:
-        return {i: _per_request(term_calibration.CalibratedModel(model, ms[i].software, idle_scale), observations[i], ms[i])
-                for i in terms}  # fmt: skip
+    def predictions(deployment: term_calibration.CalibratedModel) -> dict[int, float]:
+        return {i: _per_request(deployment, observations[i], ms[i]) for i in terms}
 
-    prior_values = predictions(prior, 1.0)
+    prior_values = predictions(term_calibration.CalibratedModel(prior, ms[calibration[0]].software))
     scale = math.exp(np.mean([math.log(ms[i].energy_per_request_j / prior_values[i]) for i in calibration]))
     out = {"uncalibrated": np.array([prior_values[i] for i in test]),
            "scale": np.array([prior_values[i] * scale for i in test])}  # fmt: skip
     for method, keep_time in (("terms: energy only", False), ("terms: time + energy", True)):
         chosen = [observations[i] if keep_time else observations[i].energy_only() for i in calibration]
         result = term_calibration.calibrate(prior, chosen, ms[calibration[0]].software)
-        values = predictions(result.model, result.idle_scale)
+        values = predictions(result.deployment)
         out[method] = np.array([values[i] for i in test])
     return out
 

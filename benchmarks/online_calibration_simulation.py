@@ -88,7 +88,7 @@ def simulate_steps(rng: np.random.Generator, count: int) -> list[StepShape]:
 def main() -> int:
     started = time.perf_counter()
     rng = np.random.default_rng(7)
-    prior = shipped_model()
+    prior = shipped_model().for_model(MODEL)  # as the plugin's predictor holds it: with the model's own factors
     model = load_model(MODEL)
     gpu = find_gpu(GPU)
     terms = StepTerms(model, gpu)

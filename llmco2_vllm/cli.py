@@ -302,6 +302,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         for name, change in summary["changes"].items():
             if abs(change["ratio"] - 1) > 0.005:
                 print(f"  {name:<40} {change['prior']:.4g} -> {change['calibrated']:.4g} (x{change['ratio']:.3f})")
+        for name, factors in summary["model_factors"].items():  # rows of several models: each one's own
+            print(f"  model {name}: time x{factors['time']:.3f}, power x{factors['power']:.3f}")
     return 0
 
 

@@ -143,10 +143,10 @@ def test_a_serving_row_is_predicted_as_the_mean_of_its_steps() -> None:
     fit_row = fitted.fit_row(row, load_model)
     step_terms, shares = fit_row.steps()
     assert step_terms.shape[1] == 2 and fit_row.terms == pytest.approx(step_terms @ shares)
-    model = shipped_model()
+    model = shipped_model().for_model(row.model)  # with that model's own factors, as predict_serving
     parts = model.time_parts(step_terms, row.software)
     power = model.power_watts(fit_row.gpu, *parts, software=row.software)
-    predicted = fitted.predict_serving(model, [fit_row], [row])
+    predicted = fitted.predict_serving(shipped_model(), [fit_row], [row])
     assert predicted["step_seconds"][0] == pytest.approx(shares @ parts[0])
     assert predicted["power_watts"][0] == pytest.approx(shares @ (power * parts[0]) / (shares @ parts[0]) * row.num_gpus)
 
@@ -154,8 +154,9 @@ def test_a_serving_row_is_predicted_as_the_mean_of_its_steps() -> None:
 # --- fitting -------------------------------------------------------------------------------------------
 
 
-def _synthetic_rows(truth: FittedModel, count: int = 120) -> list[FitRow]:
-    """Rows whose 'measured' time and power come from ``truth`` (a model unlike the prior in shape)."""
+def _synthetic_rows(truth: FittedModel, count: int = 120, energy_factors: dict[str, float] | None = None) -> list[FitRow]:
+    """Rows whose 'measured' time and power come from ``truth`` (a model unlike the prior in shape);
+    ``energy_factors``: models whose measured power is that much above the truth's."""
     rng = np.random.default_rng(0)
     rows = []
     for model_id, gpus in ((LLAMA_8B, 1), ("Qwen/Qwen3-30B-A3B-Instruct-2507", 1), ("meta-llama/Llama-3.1-70B-Instruct", 4)):
@@ -164,8 +165,33 @@ def _synthetic_rows(truth: FittedModel, count: int = 120) -> list[FitRow]:
             batch, prompt, output = rng.integers(4, 500), rng.integers(50, 2000), rng.integers(50, 3000)
             t = terms.from_sums(terms.serving_sums(float(batch), float(prompt), float(output), output * 0.8))
             parts = truth.time_parts(t[:, None])
-            rows.append(FitRow(t, fitted.NEWEST_SOFTWARE, H100, float(parts[0][0]), float(truth.power_watts(H100, *parts)[0])))
+            power = float(truth.power_watts(H100, *parts)[0]) * (energy_factors or {}).get(model_id, 1.0)
+            rows.append(FitRow(t, fitted.NEWEST_SOFTWARE, H100, float(parts[0][0]), power, model=model_id))
     return rows
+
+
+def test_a_model_keeps_its_own_energy_offset_and_only_that_model_gets_it() -> None:
+    """One model draws 20 % more than the shared fit can explain: its own factor takes it (not its
+    time), the others stay near 1, and every way of predicting that model applies it."""
+    rows = _synthetic_rows(prior_model(), energy_factors={LLAMA_8B: 1.2})
+    model = fitted.fit(rows, prior_strength=1.0)
+    time_factor, power_factor = model.model_factors[LLAMA_8B]
+    assert time_factor == 1.0 and power_factor > 1.1
+    assert all(abs(p - 1) < abs(power_factor - 1) / 2 for name, (_, p) in model.model_factors.items() if name != LLAMA_8B)
+    llama = [r for r in rows if r.model == LLAMA_8B]
+    with_factor = fitted._predict_rows(model.for_model(LLAMA_8B), llama)
+    without = fitted._predict_rows(model.for_model("another model"), llama)
+    assert np.allclose(with_factor[0], without[0])  # the time is the shared fit's
+    measured = np.array([r.power_watts_per_gpu * r.step_seconds for r in llama])
+    error = lambda predicted: np.median(np.abs(predicted[0] * predicted[1] / measured - 1))  # noqa: E731
+    assert error(with_factor) < error(without) / 2
+    # Kept in the model file; the plugin's predictor for that model applies it.
+    assert FittedModel.from_json(model.to_json()).model_factors == model.model_factors
+    hardware = Hardware(H100, 1, 1, "configured")
+    step = StepShape.from_requests([("a", 0, 1, 500)] * 8)
+    for_llama = FittedPredictor(load_model(LLAMA_8B), hardware, parameters=model).predict_step(step)
+    shared = FittedPredictor(load_model(LLAMA_8B), hardware, parameters=dataclasses.replace(model, model_factors={})).predict_step(step)
+    assert for_llama.decode_seconds == pytest.approx(shared.decode_seconds) and for_llama.decode_energy_j > 1.05 * shared.decode_energy_j
 
 
 def test_fit_recovers_a_synthetic_truth() -> None:
@@ -201,6 +227,9 @@ def test_shipped_model_is_the_fit_on_every_row() -> None:
     refit = fitted.fit(data.rows, strength)
     for name, value in shipped_model().parameters.items():
         assert refit.parameters[name] == pytest.approx(value, rel=1e-3), name
+    assert set(refit.model_factors) == set(shipped_model().model_factors) == {m.model for m in data.measurements}
+    for name, factors in shipped_model().model_factors.items():
+        assert refit.model_factors[name] == pytest.approx(factors, rel=1e-3), name
     low, middle, high = shipped_model().energy_log_quantiles
     assert low < middle < high
 

@@ -34,10 +34,12 @@ def truth() -> FittedModel:
     return FittedModel(changed, model.software, model.energy_log_quantiles)
 
 
-def measured(shape: tuple[int, int, int]) -> tuple[float, float]:
-    row = BatchRow(MODEL, "H100", 1, 1, 1, *shape)
+def measured(shape: tuple[int, int, int], model: str = MODEL, time_factor: float = 1.0) -> tuple[float, float]:
+    """(seconds, J) of a static batch under the truth (``time_factor``: this model alone that much slower)."""
+    row = BatchRow(model, "H100", 1, 1, 1, *shape)
     deployment = row.deployment()
-    predictor = FittedPredictor(deployment.model, deployment.hardware, parameters=truth())
+    parameters = truth().for_model("", (time_factor, 1.0))
+    predictor = FittedPredictor(deployment.model, deployment.hardware, parameters=parameters)
     prefill_s, prefill_j, decode_s, decode_j = predictor.static_batch(*shape)
     # The truth's median: the shipped model's median correction does not apply to a "measurement".
     return prefill_s + decode_s, (prefill_j + decode_j) / predictor.median_factor
@@ -81,6 +83,42 @@ def test_calibration_corrects_the_shape_on_held_out_batches(tmp_path, capsys, co
     log_residuals = summary["residuals_before"]["energy"]  # log(predicted / measured)
     scale = math.exp(-sum(log_residuals) / len(log_residuals))
     assert after < held_out_error(None, scale), (after, held_out_error(None, scale))
+
+
+def test_rows_of_several_models_keep_what_one_model_alone_needs_with_that_model(tmp_path, capsys) -> None:
+    """A fleet file: one model runs 1.2x slower than the others in every term. Its own factor takes
+    most of that, so both models are priced closely and the shared terms still improve a model the
+    file never saw (without model factors: 2.2 / 1.3 % for the two, 2.5 % for the unseen one)."""
+    slow, other, unseen = MODEL, "Qwen/Qwen3-30B-A3B-Instruct-2507", "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    rows, out = tmp_path / "m.csv", tmp_path / "cal.json"
+    with open(rows, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "gpu", "batch_size", "prompt_tokens", "output_tokens", "measured_seconds", "measured_energy_j"])
+        for model, factor in ((slow, 1.2), (other, 1.0)):
+            for shape in CALIBRATION_SHAPES:
+                writer.writerow([model, "H100", *shape, *measured(shape, model, factor)])
+    assert main(["calibrate", "--measurements", str(rows), "--out", str(out), "--json"]) == 0
+    factors = json.loads(capsys.readouterr().out)["model_factors"]
+    assert set(factors) == {slow, other}
+    assert factors[slow]["time"] / factors[other]["time"] > 1.12, factors  # truth 1.2
+
+    def error(model: str, factor: float, calibration: str | None) -> float:
+        predictor = BatchPredictor(calibration_path=calibration)
+        errors = []
+        for shape in HELD_OUT:
+            row = dict(zip(("batch_size", "prompt_tokens", "output_tokens"), shape), model=model, gpu="H100")
+            errors.append(abs(predictor.predict(row)["energy_j"] / measured(shape, model, factor)[1] - 1))
+        return sum(errors) / len(errors)
+
+    for model, factor in ((slow, 1.2), (other, 1.0)):
+        assert error(model, factor, str(out)) < 0.012, model
+    # The model the file never saw: the shared terms, not the slow model's excess.
+    assert error(unseen, 1.0, str(out)) < error(unseen, 1.0, None)
+    data = json.loads(out.read_text())
+    data["terms"]["model_factors"][slow]["time"] = 100.0
+    out.write_text(json.dumps(data))
+    with pytest.raises(CalibrationFileError, match="model_factors"):
+        term_calibration.terms_from_file(str(out))
 
 
 def test_time_alone_calibrates_time(tmp_path, capsys) -> None:

@@ -127,6 +127,15 @@ PARTS = (
 
 _SOFTWARE_POWER_NAMES = tuple(p.name for p in SOFTWARE_POWER_PARAMETERS)
 
+#: One standard deviation (log) of a model's own offset from the fitted model, split evenly between
+#: its time and its power: the fitted model's held-out-model energy error is about 14 % (``llmco2 eval``).
+MODEL_FACTOR_WIDTH = math.log(1.15) / math.sqrt(2.0)
+MODEL_FACTOR_BOUNDS = (1 / 3, 3.0)
+#: A measured model's own energy offset from the shared fit: one standard deviation (log) of the pull
+#: toward none (``fit``), and how far one measured row scatters around it.
+MODEL_ENERGY_WIDTH = math.log(1.15)
+MODEL_ROW_NOISE = 0.07
+
 
 def _soft_clip(x: np.ndarray) -> np.ndarray:
     """~x below 1, saturating at 1 (a GPU cannot draw more than its power limit)."""
@@ -142,6 +151,25 @@ class FittedModel:
     #: quantiles (10 %, 50 %, 90 %) of log(measured / predicted) energy in cross-validation by held-out model
     energy_log_quantiles: tuple[float, float, float] = (0.0, 0.0, 0.0)
     notes: dict[str, Any] = field(default_factory=dict)
+    #: model name -> (time factor, power factor): what each measured model needs beyond the shared
+    #: parameters (``fit``), applied to that model on any GPU (``for_model``)
+    model_factors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def for_model(self, name: str, factors: tuple[float, float] | None = None) -> "FittedModel":
+        """The parameters for one model: with its factors (``factors``, else its own measured ones)
+        folded in, and no factors left to fold in again."""
+        time_factor, power_factor = factors or self.model_factors.get(name, (1.0, 1.0))
+        parameters = dict(self.parameters)
+        if time_factor != 1.0 or power_factor != 1.0:
+            # Every time term scales the step time (each part is linear in them, their combination
+            # homogeneous); the activities scale the dynamic power (before the power limit's saturation).
+            time_keys = {key for version in self.software for key in self.parameter_keys(CALIBRATED_TIME_TERMS, version)}
+            power_keys = {f"{activity}@{version}" for version in self.software for activity in _SOFTWARE_POWER_NAMES}
+            for key in time_keys:
+                parameters[key] *= time_factor
+            for key in (*power_keys, "quantised_expert_activity"):
+                parameters[key] *= power_factor
+        return dataclasses.replace(self, parameters=parameters, model_factors={})
 
     # --- prediction -----------------------------------------------------------------------
     def _software(self, software: str | None) -> str:
@@ -236,6 +264,7 @@ class FittedModel:
         return json.dumps({
             "parameters": self.parameters, "software": list(self.software),
             "energy_log_quantiles": list(self.energy_log_quantiles), "notes": self.notes,
+            "model_factors": {name: {"time": t, "power": p} for name, (t, p) in self.model_factors.items()},
         }, indent=1, sort_keys=True)  # fmt: skip
 
     @classmethod
@@ -257,6 +286,7 @@ class FittedModel:
             software=software,
             energy_log_quantiles=tuple(float(q) for q in data["energy_log_quantiles"]),  # type: ignore[arg-type]
             notes=dict(data.get("notes") or {}),
+            model_factors={name: (float(f["time"]), float(f["power"])) for name, f in (data.get("model_factors") or {}).items()},
         )
 
 
@@ -299,6 +329,7 @@ class FitRow:
     #: (``StepTerms.serving_steps``); None: the one step ``terms``.
     step_terms: np.ndarray | None = None
     step_weights: np.ndarray | None = None
+    model: str = ""  # the model's name: its own factors are learned from its rows ("" : none)
 
     def steps(self) -> tuple[np.ndarray, np.ndarray]:
         """(terms x steps, shares of the steps)."""
@@ -315,10 +346,11 @@ PRIOR_STRENGTHS = (0.03, 0.1, 0.3, 1.0)
 DEFAULT_PRIOR_STRENGTH = 1.0
 
 
-def fit(rows: Sequence[FitRow], prior_strength: float = DEFAULT_PRIOR_STRENGTH) -> FittedModel:
+def fit(rows: Sequence[FitRow], prior_strength: float = DEFAULT_PRIOR_STRENGTH, model_factors: bool = True) -> FittedModel:
     """Fit time parameters on the rows' step times, then power parameters on their power and, given
     the fitted time, their energy (half each). A row with several steps (``FitRow.steps``) is
-    predicted as their mean: time weighted by their shares, power by their time."""
+    predicted as their mean: time weighted by their shares, power by their time. Then, with
+    ``model_factors``, each model's own factors (``FittedModel.model_factors``)."""
     from scipy.optimize import least_squares
 
     software = tuple(sorted({row.software for row in rows}))
@@ -387,7 +419,62 @@ def fit(rows: Sequence[FitRow], prior_strength: float = DEFAULT_PRIOR_STRENGTH) 
 
     solution = least_squares(power_residuals, power_prior, bounds=(power_low, power_high), method="trf")
     model.parameters.update(zip(power_names, np.exp(solution.x)))
+    if model_factors:
+        model.model_factors = _model_factors(model, rows)
     return model
+
+
+def _model_factors(model: FittedModel, rows: Sequence[FitRow]) -> dict[str, tuple[float, float]]:
+    """Each measured model's own factors: the power factor its rows' energy needs beyond the shared
+    parameters, pulled toward no change in energy (``MODEL_ENERGY_WIDTH``; rows scatter by
+    ``MODEL_ROW_NOISE``); its time factor stays 1.
+
+    Only the energy offset carries over to GPUs a fit did not see: on the ML.ENERGY v2 rows, a
+    model's median offset from a fit without A100 rows, on H100 and on A100, correlates 0.73 in
+    energy but 0.31 in step time and 0.28 in power (a model slower than the fit expects also draws
+    less power), and likewise the other way round (0.71, 0.25, 0.34)."""
+    by_model: dict[str, list[FitRow]] = {}
+    for row in rows:
+        if row.model:
+            by_model.setdefault(row.model, []).append(row)
+    return {name: (1.0, _power_factor(model, own)) for name, own in sorted(by_model.items())}
+
+
+def _power_factor(model: FittedModel, rows: Sequence[FitRow]) -> float:
+    """The power factor that brings these rows' predicted energy to their measured energy, with a
+    pull of ``MODEL_ENERGY_WIDTH`` on the energy change it makes (``_model_factors``)."""
+    from scipy.optimize import least_squares
+
+    measured = np.log([row.power_watts_per_gpu * row.step_seconds for row in rows])
+    shared = np.log(np.multiply(*_predict_rows(model, rows)))
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        energy = np.log(np.multiply(*_predict_rows(model.for_model("", (1.0, math.exp(x[0]))), rows)))
+        return np.concatenate([(energy - measured) / MODEL_ROW_NOISE, [np.mean(energy - shared) / MODEL_ENERGY_WIDTH]])
+
+    bounds = np.log(MODEL_FACTOR_BOUNDS)
+    return float(math.exp(least_squares(residuals, np.zeros(1), bounds=(bounds[0], bounds[1]), method="trf").x[0]))
+
+
+def _predict_rows(model: FittedModel, rows: Sequence[FitRow]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean step seconds, average power per GPU) of fit rows: the mean over each row's steps
+    (time-weighted for power), the steps of rows on the same GPU and version evaluated at once."""
+    steps = [row.steps() for row in rows]
+    owner = np.repeat(np.arange(len(rows)), [len(shares) for _, shares in steps])
+    terms = np.concatenate([step_terms for step_terms, _ in steps], axis=1)
+    shares = np.concatenate([step_shares for _, step_shares in steps])
+    seconds, energy = np.empty(len(owner)), np.empty(len(owner))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index in range(len(owner)):
+        row = rows[owner[index]]
+        groups.setdefault((row.gpu.name, row.software), []).append(index)
+    for index in groups.values():
+        row = rows[owner[index[0]]]
+        parts = model.time_parts(terms[:, index], row.software)
+        seconds[index] = parts[0]
+        energy[index] = model.power_watts(row.gpu, *parts, software=row.software) * parts[0]
+    row_seconds = np.bincount(owner, shares * seconds, minlength=len(rows))
+    return row_seconds, np.bincount(owner, shares * energy, minlength=len(rows)) / row_seconds
 
 
 # --- predictions for serving rows --------------------------------------------------------------
@@ -399,7 +486,7 @@ def fit_row(measurement: Any, describe, prompt_scale: float = 1.0) -> FitRow:
     return FitRow(
         terms=step_terms @ shares, software=measurement.software, gpu=_gpu(measurement.gpu),
         step_seconds=measurement.step_seconds, power_watts_per_gpu=measurement.power_watts / measurement.num_gpus,
-        step_terms=step_terms, step_weights=shares,
+        step_terms=step_terms, step_weights=shares, model=measurement.model,
     )  # fmt: skip
 
 
@@ -434,14 +521,13 @@ def serving_terms(measurement: Any, describe, prompt_scale: float = 1.0) -> np.n
 def predict_serving(model: FittedModel, rows: Sequence[FitRow], measurements: Sequence[Any]) -> dict[str, np.ndarray]:
     """Predicted step seconds, power (all GPUs) and energy per request of measured serving rows: the
     mean over each row's steps (time-weighted for power)."""
-    seconds = np.empty(len(rows))
-    power = np.empty(len(rows))
-    for index, (row, measurement) in enumerate(zip(rows, measurements)):
-        step_terms, shares = row.steps()
-        parts = model.time_parts(step_terms, row.software)
-        step_power = model.power_watts(row.gpu, *parts, software=row.software)
-        seconds[index] = float(shares @ parts[0])
-        power[index] = float(shares @ (step_power * parts[0])) / seconds[index] * measurement.num_gpus
+    seconds, power = np.empty(len(rows)), np.empty(len(rows))
+    by_model: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_model.setdefault(row.model, []).append(index)
+    for name, index in by_model.items():  # each with its model's own factors, where the fit had its rows
+        seconds[index], power[index] = _predict_rows(model.for_model(name), [rows[i] for i in index])
+    power *= np.array([m.num_gpus for m in measurements])
     batch = np.array([m.batch_size for m in measurements])
     output = np.array([m.output_tokens for m in measurements])
     # With pipeline stages every stage works on its own micro-batch: batch tokens per full pass.
@@ -471,15 +557,16 @@ class FittedPredictor:
         """``terms``: a ``term_calibration.TermCalibration`` of this deployment (``llmco2 calibrate``)."""
         from llmco2_vllm.predict.roofline import Roofline
 
-        self.parameters = parameters or shipped_model()
+        base = parameters or shipped_model()
         self.gpu = hardware.gpu
+        self.parameters = base.for_model(model.name)  # with the model's own factors where it was measured
         if terms is not None:
-            self.parameters = terms.apply(self.parameters)
+            self.parameters = terms.apply(base).for_model(model.name, terms.model_factors.get(model.name))
             self.gpu = dataclasses.replace(self.gpu, idle_watts=self.parameters.idle_watts(self.gpu) * terms.idle_scale)
             self.name = "fitted+terms"
         self.num_gpus = hardware.num_gpus
         self.terms = StepTerms(model, hardware.gpu, hardware.tensor_parallel)
-        self.shipped = shipped_model() if parameters is None else parameters
+        self.shipped = base.for_model(model.name)
         self.last_step_sums: np.ndarray | None = None  # the sums of the step predicted last (online learning)
         self._use(self.parameters)
         self.roofline = Roofline(model, hardware, pipeline_parallel=pipeline_parallel)

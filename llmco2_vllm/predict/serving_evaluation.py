@@ -121,7 +121,8 @@ def _inner_residuals(
     residuals, own = [], []
     for held in _groups(data, ids, folds):
         held_set = set(held)
-        model = fitted.fit([data.rows[i] for i in ids if i not in held_set], prior_strength)
+        # Held-out models: no model's own factors would apply to them.
+        model = fitted.fit([data.rows[i] for i in ids if i not in held_set], prior_strength, model_factors=False)
         predicted = _predict(model, data, held)["energy_per_request_j"]
         values = np.log(data.energy[held] / predicted)
         residuals.extend(values)
@@ -537,6 +538,13 @@ def _report(data, all_schemes, results, fixed, summary, shipped, sensitivity_row
         "| parameter | value |",
         "| --- | ---: |",
         *parameters,
+        "",
+        "Each measured model's own power factor (its energy beyond the shared parameters, applied to that model on "
+        "any GPU; time factors stay 1: `fitted.fit`):",
+        "",
+        "| model | power factor |",
+        "| --- | ---: |",
+        *[f"| {name} | {power:.3f} |" for name, (_, power) in sorted(shipped.model_factors.items())],
         "",
         "## Plots",
         "",

@@ -22,6 +22,11 @@ calibrated with and without the measured times, and the times are used unless le
 predicts the left-out energies better (mean absolute log error). Nothing else is chosen, so with one
 row, or without a measured energy, it is ``calibrate``.
 
+Rows of several models (a fleet) differ most by each model's own offset, which no shared term can
+take: each model then gets a time and a power factor of its own (``TermCalibration.model_factors``,
+applied to that model by name), pulled toward its measured factor in the prior (or 1) by how far
+models scatter around the fitted model, so the shared terms move only as far as the models agree.
+
 An observation is a set of engine steps with multiplicities (their sums, ``step_terms.SUM_NAMES``)
 and what was measured over them: a static batch (one prefill step + its decode steps), or the mean
 step of steady-state serving.
@@ -94,10 +99,14 @@ class TermCalibration:
     software: str
     parameters: dict[str, float]  # parameter key -> calibrated value (only those that were calibrated)
     idle_scale: float = 1.0
+    #: model name -> (time factor, power factor): what each model of a calibration over several
+    #: models needs beyond the shared terms (``calibrate``); applied only to a model of that name
+    model_factors: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"kind": "fitted-terms", "software": self.software, "parameters": self.parameters,
-                "idle_scale": self.idle_scale}  # fmt: skip
+                "idle_scale": self.idle_scale,
+                "model_factors": {name: {"time": t, "power": p} for name, (t, p) in self.model_factors.items()}}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> "TermCalibration":
@@ -112,11 +121,19 @@ class TermCalibration:
         idle_scale = float(data.get("idle_scale", 1.0))
         if not (IDLE_SCALE_BOUNDS[0] <= idle_scale <= IDLE_SCALE_BOUNDS[1]):
             raise ValueError(f"terms.idle_scale {idle_scale} outside {IDLE_SCALE_BOUNDS}")
+        factors = data.get("model_factors") or {}
+        low, high = fitted.MODEL_FACTOR_BOUNDS
+        if not isinstance(factors, dict) or not all(
+            isinstance(f, dict) and all(isinstance(f.get(k), (int, float)) and low <= f[k] <= high for k in ("time", "power"))
+            for f in factors.values()
+        ):  # fmt: skip
+            raise ValueError(f"terms.model_factors must map model names to {{'time': t, 'power': p}} within {fitted.MODEL_FACTOR_BOUNDS}")
         return cls(str(data.get("software") or fitted.NEWEST_SOFTWARE), {k: float(v) for k, v in parameters.items()},
-                   idle_scale)  # fmt: skip
+                   idle_scale, {str(n): (float(f["time"]), float(f["power"])) for n, f in factors.items()})  # fmt: skip
 
     def apply(self, model: FittedModel) -> FittedModel:
-        """The model with these parameters (unknown names are refused: the file is for another model version)."""
+        """The model with these parameters (unknown names are refused: the file is for another model
+        version); ``model_factors`` apply per model (``FittedModel.for_model``)."""
         unknown = sorted(set(self.parameters) - set(model.parameters))
         if unknown:
             raise ValueError(f"calibrated parameters {', '.join(unknown[:5])} are not in the fitted model: "
@@ -151,11 +168,17 @@ class CalibrationResult:
     #: whether the measured times were fitted (when ``calibrate`` chose), and the leave-one-out energy
     #: errors (mean absolute log) with and without them
     selection: dict | None = None
+    model_factors: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def terms(self) -> TermCalibration:
         return TermCalibration(self.software, {n: after for n, (_, after) in self.changes.items() if n != "idle_scale"},
-                               self.idle_scale)  # fmt: skip
+                               self.idle_scale, dict(self.model_factors))  # fmt: skip
+
+    @property
+    def deployment(self) -> CalibratedModel:
+        """The calibrated model, ready to predict observations."""
+        return CalibratedModel(self.model, self.software, self.idle_scale, self.model_factors)
 
     def report(self) -> dict:
         """Parameters, their change from the prior, and the fit's residuals (log predicted / measured)."""
@@ -164,6 +187,7 @@ class CalibrationResult:
                         for name, (before, after) in self.changes.items()},  # fmt: skip
             "residuals_before": self.residuals_before,
             "residuals_after": self.residuals_after,
+            "model_factors": {name: {"time": t, "power": p} for name, (t, p) in self.model_factors.items()},
             **({"selection": self.selection} if self.selection is not None else {}),
         }
 
@@ -171,9 +195,15 @@ class CalibrationResult:
 class CalibratedModel:
     """A fitted model with an idle-power scale: predicts observations."""
 
-    def __init__(self, model: FittedModel, software: str | None = None, idle_scale: float = 1.0) -> None:
+    def __init__(self, model: FittedModel, software: str | None = None, idle_scale: float = 1.0,
+                 model_factors: dict[str, tuple[float, float]] | None = None) -> None:  # fmt: skip
         self.model, self.idle_scale = model, idle_scale
         self.software = model._software(software)
+        self.model_factors = dict(model_factors or {})  # model name -> (time, power) (``TermCalibration``)
+
+    def for_model(self, name: str) -> FittedModel:
+        """The fitted model for a model of this name (with its calibrated factors, else its measured ones)."""
+        return self.model.for_model(name, self.model_factors.get(name))
 
     def with_idle(self, gpu: GpuSpec) -> GpuSpec:
         return dataclasses.replace(gpu, idle_watts=self.model.idle_watts(gpu) * self.idle_scale)
@@ -205,8 +235,9 @@ class _StackedObservations:
         """``CalibratedModel.predict`` of every observation, by ``id``."""
         predicted = {id(o): (0.0, deployment.with_idle(o.terms.gpu).idle_watts * o.idle_seconds * o.num_gpus)
                      for o in self._empty}  # fmt: skip
-        model, software = deployment.model, deployment.software
+        software = deployment.software
         for members, terms, counts, starts, idle_seconds, num_gpus in self._groups:
+            model = deployment.for_model(members[0].terms.model.name)
             parts = model.time_parts(terms, software)
             gpu = deployment.with_idle(members[0].terms.gpu)
             busy = counts * parts[0]
@@ -250,7 +281,8 @@ def calibrate(
                             weights=weights, max_evaluations=max_evaluations, robust=robust)  # fmt: skip
     initial = start.model if start is not None else prior
     model = dataclasses.replace(prior, parameters=dict(initial.parameters))
-    deployment = CalibratedModel(model, software, start.idle_scale if start is not None else 1.0)
+    deployment = CalibratedModel(model, software, start.idle_scale if start is not None else 1.0,
+                                 start.model_factors if start is not None else None)  # fmt: skip
     version = deployment.software
     weight_of = dict(zip(map(id, observations), weights)) if weights is not None else {}
     timed = [o for o in observations if o.measured_seconds]
@@ -271,24 +303,36 @@ def calibrate(
 
     before = both()
 
+    # Rows of several models: each model gets its own time and power factor (the module's docstring).
+    models = sorted({o.terms.model.name for o in observations})
+    factor_names = [(kind, name) for name in models for kind in (0, 1)] if len(models) > 1 else []
+
     def solve(names: list[str], targets: list[tuple[Observation, str]]) -> None:
-        home = np.log([1.0 if n == "idle_scale" else prior.parameters[n] for n in names])
-        x0 = np.log([deployment.idle_scale if n == "idle_scale" else model.parameters[n] for n in names])
-        bounds = np.log([_bounds(n) for n in names]).T
+        factors = deployment.model_factors
+        measured = prior.model_factors  # a model the prior was fitted on starts from its own factors
+        home = np.log([1.0 if n == "idle_scale" else prior.parameters[n] for n in names]
+                      + [measured.get(name, (1.0, 1.0))[kind] for kind, name in factor_names])  # fmt: skip
+        x0 = np.log([deployment.idle_scale if n == "idle_scale" else model.parameters[n] for n in names]
+                    + [factors.get(name, measured.get(name, (1.0, 1.0)))[kind] for kind, name in factor_names])  # fmt: skip
+        bounds = np.log([_bounds(n) for n in names] + [fitted.MODEL_FACTOR_BOUNDS] * len(factor_names)).T
         x0 = np.clip(x0, bounds[0] + 1e-9, bounds[1] - 1e-9)
+        widths = np.array([prior_width] * len(names) + [fitted.MODEL_FACTOR_WIDTH] * len(factor_names))
         scale = np.sqrt([weight_of.get(id(o), 1.0) for o, _ in targets]) / noise
 
         def assign(x: np.ndarray) -> None:
-            for name, value in zip(names, np.exp(x)):
+            values = np.exp(x).tolist()
+            for name, value in zip(names, values):
                 if name == "idle_scale":
-                    deployment.idle_scale = float(value)
+                    deployment.idle_scale = value
                 else:
-                    model.parameters[name] = float(value)
+                    model.parameters[name] = value
+            found = dict(zip(factor_names, values[len(names) :]))
+            deployment.model_factors = {name: (found[0, name], found[1, name]) for name in models if (0, name) in found}
 
         def function(x: np.ndarray) -> np.ndarray:
             assign(x)
             data = np.array(residuals(targets))
-            return np.concatenate([data * scale, (x - home) / prior_width])
+            return np.concatenate([data * scale, (x - home) / widths])
 
         loss = {"loss": "huber", "f_scale": ROBUST_SIGMAS} if robust else {}
         assign(least_squares(function, x0, bounds=bounds, method="trf", max_nfev=max_evaluations, **loss).x)
@@ -302,7 +346,8 @@ def calibrate(
     after = both()
     changes = {n: (prior.parameters[n], model.parameters[n]) for n in time_names + power_names if n != "idle_scale"}
     changes["idle_scale"] = (1.0, deployment.idle_scale)
-    return CalibrationResult(model, deployment.idle_scale, changes, before, after, version)
+    return CalibrationResult(model, deployment.idle_scale, changes, before, after, version,
+                             model_factors=deployment.model_factors)  # fmt: skip
 
 
 def _choose_time(prior: FittedModel, observations: Sequence[Observation], software: str | None = None,
@@ -329,7 +374,7 @@ def _choose_time(prior: FittedModel, observations: Sequence[Observation], softwa
                 continue
             rest_weights = [weight_of.get(id(o), 1.0) for o in rest]
             result = calibrate(prior, rest, software, weights=rest_weights, use_time=use_time, **options)
-            _, energy = CalibratedModel(result.model, result.software, result.idle_scale).predict(target)
+            _, energy = result.deployment.predict(target)
             errors[use_time].append(abs(math.log(energy / target.measured_energy_j)))
     with_time, without_time = (float(np.mean(errors[k])) if errors[k] else math.nan for k in (True, False))
     use_time = not (without_time < with_time)
