@@ -192,6 +192,10 @@ def test_a_model_keeps_its_own_energy_offset_and_only_that_model_gets_it() -> No
     for_llama = FittedPredictor(load_model(LLAMA_8B), hardware, parameters=model).predict_step(step)
     shared = FittedPredictor(load_model(LLAMA_8B), hardware, parameters=dataclasses.replace(model, model_factors={})).predict_step(step)
     assert for_llama.decode_seconds == pytest.approx(shared.decode_seconds) and for_llama.decode_energy_j > 1.05 * shared.decode_energy_j
+    # Served from a local directory of the same name: the same model.
+    local = dataclasses.replace(load_model(LLAMA_8B), name="/models/llama-3.1-8b-instruct/")
+    assert FittedPredictor(local, hardware, parameters=model).predict_step(step).decode_energy_j == for_llama.decode_energy_j
+    assert fitted.factors_for(model.model_factors, "someone/Llama-3.1-8B-Instruct-abliterated") is None
 
 
 def test_fit_recovers_a_synthetic_truth() -> None:

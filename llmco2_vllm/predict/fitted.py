@@ -137,6 +137,17 @@ MODEL_ENERGY_WIDTH = math.log(1.15)
 MODEL_ROW_NOISE = 0.07
 
 
+def factors_for(factors: dict[str, tuple[float, float]], name: str) -> tuple[float, float] | None:
+    """A model's entry in ``model_factors``: by its exact name, else by its last path component,
+    case aside, where exactly one entry has it (``vllm serve /models/Llama-3.1-8B-Instruct`` is
+    ``meta-llama/Llama-3.1-8B-Instruct``)."""
+    if name in factors:
+        return factors[name]
+    base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    matches = [value for known, value in factors.items() if known.rsplit("/", 1)[-1].lower() == base]
+    return matches[0] if len(matches) == 1 else None
+
+
 def _soft_clip(x: np.ndarray) -> np.ndarray:
     """~x below 1, saturating at 1 (a GPU cannot draw more than its power limit)."""
     return x / (1.0 + x**4) ** 0.25
@@ -158,7 +169,7 @@ class FittedModel:
     def for_model(self, name: str, factors: tuple[float, float] | None = None) -> "FittedModel":
         """The parameters for one model: with its factors (``factors``, else its own measured ones)
         folded in, and no factors left to fold in again."""
-        time_factor, power_factor = factors or self.model_factors.get(name, (1.0, 1.0))
+        time_factor, power_factor = factors or factors_for(self.model_factors, name) or (1.0, 1.0)
         parameters = dict(self.parameters)
         if time_factor != 1.0 or power_factor != 1.0:
             # Every time term scales the step time (each part is linear in them, their combination
@@ -561,7 +572,7 @@ class FittedPredictor:
         self.gpu = hardware.gpu
         self.parameters = base.for_model(model.name)  # with the model's own factors where it was measured
         if terms is not None:
-            self.parameters = terms.apply(base).for_model(model.name, terms.model_factors.get(model.name))
+            self.parameters = terms.apply(base).for_model(model.name, factors_for(terms.model_factors, model.name))
             self.gpu = dataclasses.replace(self.gpu, idle_watts=self.parameters.idle_watts(self.gpu) * terms.idle_scale)
             self.name = "fitted+terms"
         self.num_gpus = hardware.num_gpus

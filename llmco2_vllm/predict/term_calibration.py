@@ -203,7 +203,7 @@ class CalibratedModel:
 
     def for_model(self, name: str) -> FittedModel:
         """The fitted model for a model of this name (with its calibrated factors, else its measured ones)."""
-        return self.model.for_model(name, self.model_factors.get(name))
+        return self.model.for_model(name, fitted.factors_for(self.model_factors, name))
 
     def with_idle(self, gpu: GpuSpec) -> GpuSpec:
         return dataclasses.replace(gpu, idle_watts=self.model.idle_watts(gpu) * self.idle_scale)
