@@ -594,10 +594,15 @@ def test_prior_interval_spans_the_batch_over_the_request_life():
     # Seven others with 100+ steps left outlive it: the interval is the point.
     outliving = forecast(running_requests=7, running=[(150.0, 1)] * 7)
     assert outliving.energy_j_low == outliving.energy_j == outliving.energy_j_high < alone.energy_j / 4
-    # The seven end within 10 steps of its 100: for 90 % of its life it is nearly alone.
+    # The seven end within 10 steps of its 100: for 90 % of its life it is alone. It pays each
+    # step's cost over that step's batch: 1/8 for 10 steps and all of it for 90, as in a batch of
+    # 100 / (10/8 + 90) = 1.096 throughout (the harmonic mean), not of 1.7 (the plain mean).
     ending = forecast(running_requests=7, running=[(10.0, 1)] * 7)
     assert ending.energy_j == outliving.energy_j
-    assert ending.energy_j_high == pytest.approx(forecast(mean_running_requests=1.7).energy_j)
+    assert ending.energy_j_high == pytest.approx(forecast(mean_running_requests=100 / (10 / 8 + 90)).energy_j)
+    steps = forecaster.forecast(500, 100, 400.0, relative_error=0.0, runs_to_max_tokens=True, mean_running_requests=8.0)
+    paid = (10 * steps.energy_j + 90 * alone.energy_j) / 100  # step by step, for a cost that is mostly fixed per step
+    assert abs(ending.energy_j_high / paid - 1) < 0.1 < abs(forecast(mean_running_requests=1.7).energy_j / paid - 1)
     assert ending.grams_co2e_high > outliving.grams_co2e_high
     # Nothing known of how long the seven run (the engine's count): the high end is priced alone.
     unknown = forecast(running_requests=7)
