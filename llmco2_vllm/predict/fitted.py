@@ -570,9 +570,10 @@ class FittedPredictor:
 
         base = parameters or shipped_model()
         self.gpu = hardware.gpu
-        self.parameters = base.for_model(model.name)  # with the model's own factors where it was measured
+        # With the model's own factors: calibrated for it in the file, else measured in the fit.
+        calibrated = base if terms is None else terms.apply(base)
+        self.parameters = calibrated.for_model(model.name, None if terms is None else factors_for(terms.model_factors, model.name))
         if terms is not None:
-            self.parameters = terms.apply(base).for_model(model.name, factors_for(terms.model_factors, model.name))
             self.gpu = dataclasses.replace(self.gpu, idle_watts=self.parameters.idle_watts(self.gpu) * terms.idle_scale)
             self.name = "fitted+terms"
         self.num_gpus = hardware.num_gpus

@@ -315,7 +315,7 @@ def batch_if_none_arrive(batch: float, parts: int, steps: int, running: Sequence
 
     A step's cost is shared by its batch, so over a life in changing batches a request pays the mean
     of 1 / batch: this is the harmonic mean of its batch over its steps, not the plain mean (4 for a
-    tenth of the steps and alone after: 1.08, not 1.3; the plain mean priced such a request 1/3 low)."""
+    tenth of the steps and alone after: 1.08, not 1.3, which priced such a request 17 % low)."""
     if not running or steps <= 0:
         return float(parts)
     leaving = sorted((min(max(left, 0.0), float(steps)), p) for left, p in running)
