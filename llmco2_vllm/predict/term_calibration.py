@@ -309,11 +309,12 @@ def calibrate(
 
     def solve(names: list[str], targets: list[tuple[Observation, str]]) -> None:
         factors = deployment.model_factors
-        measured = prior.model_factors  # a model the prior was fitted on starts from its own factors
+        # A model the prior was fitted on starts from its own factors.
+        measured = {name: fitted.factors_for(prior.model_factors, name) or (1.0, 1.0) for name in models}
         home = np.log([1.0 if n == "idle_scale" else prior.parameters[n] for n in names]
-                      + [measured.get(name, (1.0, 1.0))[kind] for kind, name in factor_names])  # fmt: skip
+                      + [measured[name][kind] for kind, name in factor_names])  # fmt: skip
         x0 = np.log([deployment.idle_scale if n == "idle_scale" else model.parameters[n] for n in names]
-                    + [factors.get(name, measured.get(name, (1.0, 1.0)))[kind] for kind, name in factor_names])  # fmt: skip
+                    + [factors.get(name, measured[name])[kind] for kind, name in factor_names])  # fmt: skip
         bounds = np.log([_bounds(n) for n in names] + [fitted.MODEL_FACTOR_BOUNDS] * len(factor_names)).T
         x0 = np.clip(x0, bounds[0] + 1e-9, bounds[1] - 1e-9)
         widths = np.array([prior_width] * len(names) + [fitted.MODEL_FACTOR_WIDTH] * len(factor_names))
