@@ -106,10 +106,16 @@ def per_deployment(data: EvaluationData) -> dict[str, dict[str, list[float]]]:
     return errors
 
 
-def fleet(data: EvaluationData) -> dict[str, dict[str, list[float]]]:
+SPLIT = ("rows of a model among the 5", "rows of other models")
+
+
+def fleet(data: EvaluationData) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
+    """Errors per GPU and method; and those of time + energy split by whether the row's model was
+    among the calibration rows (its own factors calibrated) or not (``SPLIT``)."""
     ms = data.measurements
     rng = np.random.default_rng(0)
     errors: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    split: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     priors: dict[str, fitted.FittedModel] = {}
     for dataset, gpu in sorted({(m.dataset, m.gpu) for m in ms}):
         if gpu not in priors:
@@ -120,9 +126,13 @@ def fleet(data: EvaluationData) -> dict[str, dict[str, list[float]]]:
             calibration = sorted(rng.choice(ids, FLEET_ROWS, replace=False).tolist())
             test = [i for i in ids if i not in calibration]
             measured = data.energy[test]
+            calibrated_models = {ms[i].model for i in calibration}
             for method, values in _predict_all(prior, data, calibration, test).items():
                 errors[f"{gpu} ({dataset})"][method].extend(np.abs(values / measured - 1).tolist())
-    return errors
+                if method == "terms: time + energy":
+                    for i, error in zip(test, np.abs(values / measured - 1)):
+                        split[f"{gpu} ({dataset})"][SPLIT[ms[i].model not in calibrated_models]].append(float(error))
+    return errors, split
 
 
 def _table(errors: dict[str, dict[str, list[float]]], title: str) -> list[str]:
@@ -138,10 +148,11 @@ def _table(errors: dict[str, dict[str, list[float]]], title: str) -> list[str]:
 def main() -> int:
     started = time.perf_counter()
     data = EvaluationData.load()
-    deployments, fleets = per_deployment(data), fleet(data)
+    deployments, (fleets, split) = per_deployment(data), fleet(data)
     summary = {
         "per_deployment": {g: {m: 100 * float(np.mean(v)) for m, v in e.items()} for g, e in deployments.items()},
         "fleet": {g: {m: 100 * float(np.mean(v)) for m, v in e.items()} for g, e in fleets.items()},
+        "fleet_by_model": {g: {m: 100 * float(np.mean(v)) for m, v in e.items()} for g, e in split.items()},
     }
     text = [
         "# Term calibration: energy error after a few measurements of a deployment",
@@ -160,6 +171,13 @@ def main() -> int:
         f"Target: <= 12 %. Prior: the fitted model without the GPU (the shipped prior strength, {PRIOR_STRENGTH:g}).",
         "",
         *_table(fleets, "GPU"),
+        "",
+        "The time + energy fleet error split by whether a row's model was among the 5 (its own factors calibrated):",
+        "",
+        "| GPU | " + " | ".join(f"{name}: rows / MAPE %" for name in SPLIT) + " |",
+        "| --- | ---: | ---: |",
+        *[f"| {group} | " + " | ".join(f"{len(by[name])} / {100 * np.mean(by[name]):.1f}" for name in SPLIT) + " |"
+          for group, by in sorted(split.items())],  # fmt: skip
         "",
         "These are offline numbers, the ones `llmco2 calibrate` gives; the plugin's online learner (step times "
         "and NVML windows) is measured in `online_calibration.md`.",

@@ -443,7 +443,7 @@ def _model_factors(model: FittedModel, rows: Sequence[FitRow]) -> dict[str, tupl
     Only the energy offset carries over to GPUs a fit did not see: on the ML.ENERGY v2 rows, a
     model's median offset from a fit without A100 rows, on H100 and on A100, correlates 0.73 in
     energy but 0.31 in step time and 0.28 in power (a model slower than the fit expects also draws
-    less power), and likewise the other way round (0.71, 0.25, 0.34)."""
+    less power), and likewise the other way round (0.71, 0.25, 0.34; ``benchmarks/model_offset_transfer.py``)."""
     by_model: dict[str, list[FitRow]] = {}
     for row in rows:
         if row.model:
