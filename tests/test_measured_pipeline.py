@@ -270,6 +270,9 @@ def test_fitted_terms_learn_online_from_measured_windows(tmp_path):
     restarted = load_predictor("fitted", Deployment("llama", model, hardware), calibration_file=str(path))
     assert restarted.name == "fitted+terms"
     assert restarted.term_ratios()["sequence_seconds"] == pytest.approx(predictor.term_ratios()["sequence_seconds"], rel=0.05)
+    # Exactly the learned parameters: the model's own factor (Llama-3.1-8B was measured) is in them once.
+    for key in ("sequence_seconds@vllm-0.11.1", "memory_activity@vllm-0.11.1", "compute_activity@vllm-0.11.1"):
+        assert restarted.parameters.parameters[key] == pytest.approx(predictor.parameters.parameters[key], rel=1e-9), key
 
 
 def test_measured_step_times_pin_the_time_terms_on_a_gpu_host():

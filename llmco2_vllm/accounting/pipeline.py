@@ -9,6 +9,7 @@ in ``llmco2_plugin_errors_total{stage}``, logged once per stage, and the step st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -397,6 +398,9 @@ class EnginePipeline:
             # Saved with the scale state (LLMCO2_CALIBRATION_FILE): a restart predicts with them at once.
             terms = learner.terms()
             if terms is not None:
+                # The learner started from the predictor's parameters, this model's own factors already
+                # in them: factors of 1 say so, so that a restart does not apply them a second time.
+                terms = dataclasses.replace(terms, model_factors={predictor.terms.model.name: (1.0, 1.0)})
                 self.calibrator.terms = terms.to_dict()
         except Exception as error:
             self.failed("calibrate", error)
