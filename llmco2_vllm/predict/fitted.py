@@ -170,6 +170,8 @@ class FittedModel:
         """The parameters for one model: with its factors (``factors``, else its own measured ones)
         folded in, and no factors left to fold in again."""
         time_factor, power_factor = factors or factors_for(self.model_factors, name) or (1.0, 1.0)
+        if time_factor == power_factor == 1.0 and not self.model_factors:
+            return self  # nothing to fold in (the online learner's solver asks at every evaluation)
         parameters = dict(self.parameters)
         if time_factor != 1.0 or power_factor != 1.0:
             # Every time term scales the step time (each part is linear in them, their combination
